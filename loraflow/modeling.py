@@ -1,0 +1,147 @@
+"""Load the base model and tokenizer: one code path for a local folder and a hub id.
+
+QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes; LoRA keeps it in full precision.
+Weights load from safetensors only (a pickle can run code on load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraflow.config import Config, ModelSection
+from loraflow.errors import ModelError
+from loraflow.paths import Paths
+
+if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_BASE = ModelSection.model_fields["base"].default  # "models/base"
+PAD_TOKEN = "<|pad|>"
+
+
+def base_location(cfg: Config, paths: Paths) -> str:
+    """The base model as ``from_pretrained`` takes it: an absolute local path or a hub id.
+
+    A relative path resolves against the project root. The embedded default is built on first use.
+    """
+    base = cfg.model.base
+    local = Path(base) if Path(base).is_absolute() else paths.root / base
+    if base == EMBEDDED_BASE and not (local / "config.json").exists():
+        from loraflow.basemodel import ensure_base
+
+        ensure_base(local)
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelError(f"model.base: {local} has no config.json; point it at a Hugging Face model folder")
+        return str(local)
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise ModelError(
+            f"model.base: {base} does not exist (looked at {local}); give an existing folder or a hub id like org/name"
+        )
+    return base  # a hub id
+
+
+def uses_4bit(cfg: Config) -> bool:
+    """QLoRA stores the frozen base in 4-bit. ``auto`` is QLoRA unless the planner picks LoRA."""
+    return cfg.method in ("qlora", "auto")
+
+
+def compute_dtype(cfg: Config) -> "torch.dtype":
+    """dtype for matmuls: explicit, or auto = bf16 on a CUDA GPU that has it, fp32 on CPU."""
+    import torch
+
+    name = cfg.quantization.compute_dtype
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: Config, paths: Paths) -> "PreTrainedTokenizerBase":
+    """The base model's tokenizer, with a pad token added when it has none."""
+    from transformers import AutoTokenizer
+
+    where = base_location(cfg, paths)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            where, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.base: cannot load a tokenizer from {where} ({_first_line(e)})") from None
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok: "PreTrainedTokenizerBase") -> None:
+    """Batching needs a pad token; reuse EOS (masked out of labels) when the tokenizer has none."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("model.base: the tokenizer has neither a pad nor an EOS token; add one to it")
+        tok.pad_token = tok.eos_token
+
+
+def load_model(
+    cfg: Config, paths: Paths, *, quantized: bool, dtype: "torch.dtype | None" = None
+) -> "PreTrainedModel":
+    """Load the base causal LM, in 4-bit NF4 (``quantized``) or full precision (``dtype``, fp32 default)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    where = base_location(cfg, paths)
+    kwargs: dict = dict(
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,
+    )
+    if quantized:
+        cdtype = compute_dtype(cfg)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=cdtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["dtype"] = cdtype if cdtype != torch.float16 else torch.float32
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["dtype"] = dtype or torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as e:
+        raise ModelError(f"model.base: cannot load weights from {where} ({_first_line(e)})") from None
+    if quantized:
+        disable_cpu_repack(model)
+    return model
+
+
+def disable_cpu_repack(model: "torch.nn.Module") -> int:
+    """Stop bitsandbytes from repacking NF4 weights in place on an eval-mode CPU forward.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode rewrites the weight into a
+    CPU-only layout; afterwards backward and merging are silently wrong (TRAPS.md 1).
+    Returns the number of 4-bit layers touched.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def count_4bit_layers(model: "torch.nn.Module") -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

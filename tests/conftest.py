@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models built once per session, fresh project roots per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_model
+
+# Never reach a hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Lazily built tiny models by architecture: ``tiny_models["llama"]`` is a folder."""
+
+    class Lazy(dict):
+        def __missing__(self, arch: str) -> Path:
+            path = make_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
+            self[arch] = path
+            return path
+
+    return Lazy()
+
+
+@pytest.fixture
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]

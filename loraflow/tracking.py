@@ -96,5 +96,54 @@ class MlflowTracker:
 
 
 def _param_str(v: Any) -> str:
-    s = v if isinstance(v, str) else repr(v) if not isinstance(v, (int, float, bool)) or v is None else str(v)
+    """MLflow params are strings of at most 6000 characters; lists and dicts as JSON."""
+    import json
+
+    s = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return s[:6000]
+
+
+def client(paths: Paths) -> Any:
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(paths)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(cl: Any, name: str, paths: Paths) -> str:
+    """The experiment for ``name``, created on first use.
+
+    With a local sqlite store the artifacts go to ``mlflow/artifacts/``; a tracking server
+    decides for itself (clients never write to its artifact folder directly).
+    """
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root(paths) if tracking_uri(paths).startswith("sqlite:") else None
+    try:
+        return cl.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another pipeline
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(paths: Paths, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> MlflowTracker:
+    """Open a new MLflow run and return a tracker bound to it (end it with ``finish``)."""
+    cl = client(paths)
+    run = cl.create_run(experiment_id(cl, experiment, paths), run_name=run_name, tags=tags or {})
+    return MlflowTracker(cl, run.info.run_id)
+
+
+def resume(paths: Paths, run_id: str) -> MlflowTracker:
+    """A tracker for an existing run (a later stage of the same pipeline run)."""
+    return MlflowTracker(client(paths), run_id)
+
+
+def finish(tracker: Tracker, ok: bool) -> None:
+    """End the run as FINISHED or FAILED, so no orphan RUNNING run is left behind."""
+    if isinstance(tracker, MlflowTracker):
+        tracker.client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")

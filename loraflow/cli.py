@@ -1,0 +1,235 @@
+"""The ``loraflow`` command line (contract: run, stage, plan, promote; plus build-base).
+
+Heavy libraries are imported inside the commands, so ``loraflow --help`` and config errors are
+instant. A user error prints one line on stderr and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from loraflow.errors import LoraflowError
+
+STAGES = ("prepare", "train", "evaluate", "merge", "register")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _quiet_environment()
+    try:
+        return int(args.func(args) or 0)
+    except LoraflowError as e:
+        print(f"loraflow: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("loraflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraflow", description="LoRA/QLoRA fine-tuning as a reproducible pipeline.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", default=None, help="params.yaml (default: ./params.yaml if present)")
+        sp.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted key, e.g. -s lora.r=32 (repeatable; values parsed as YAML)")
+        return sp
+
+    run = with_config(sub.add_parser("run", help="run the whole DAG as one Prefect flow run"))
+    run.set_defaults(func=cmd_run)
+
+    stage = with_config(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
+    stage.add_argument("name", choices=STAGES + ("base",))
+    stage.set_defaults(func=cmd_stage)
+
+    plan = with_config(sub.add_parser("plan", help="memory/time plan and lints before a run (loads no weights)"))
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--strict", action="store_true", help="exit non-zero on warnings")
+    plan.set_defaults(func=cmd_plan)
+
+    promote = sub.add_parser("promote", help="move a registry alias (or roll champion back)")
+    promote.add_argument("name")
+    promote.add_argument("--version", default=None)
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--rollback", action="store_true", help="move champion back to its previous version")
+    promote.set_defaults(func=cmd_promote)
+
+    base = sub.add_parser("build-base", help="build the embedded base model (done on first use anyway)")
+    base.add_argument("--out", default="models/base")
+    base.add_argument("--steps", type=int, default=None)
+    base.set_defaults(func=cmd_build_base)
+    return p
+
+
+def _quiet_environment() -> None:
+    """No network is assumed: no telemetry, no tokenizer fork warnings."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for noisy in ("mlflow", "transformers", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace):
+    from loraflow.config import load_config
+    from loraflow.paths import Paths
+
+    path = args.config
+    if path is None and Path("params.yaml").exists():
+        path = "params.yaml"
+    cfg = load_config(path, args.overrides)
+    root = Path(path).resolve().parent if path else Path.cwd()
+    return cfg, Paths.at(root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    _hide_user_error_tracebacks()
+    from flows.finetune import finetune
+
+    out = finetune(config=cfg, root=str(paths.root))
+    _print_summary(out, paths)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    from loraflow import tracking
+    from loraflow.lineage import read_report
+
+    if args.name == "base":
+        from loraflow.modeling import base_location
+
+        print(base_location(cfg, paths))
+        return 0
+    if args.name == "prepare":
+        import tasks.prepare
+
+        tasks.prepare.run(cfg, paths)
+        return 0
+    import importlib
+
+    stage = importlib.import_module(f"tasks.{args.name}")
+    if args.name == "train":
+        tracker = tracking.start_run(paths, cfg.register.model_name,
+                                     f"train r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}")
+    else:
+        run_id = read_report(paths, "train").get("mlflow_run_id")
+        tracker = tracking.resume(paths, run_id) if run_id else tracking.NullTracker()
+    ok = False
+    try:
+        stage.run(cfg, paths, tracker)
+        tracker.log_artifact(paths.report(args.name), "reports")
+        ok = True
+    finally:
+        if args.name == "train" or not ok:
+            tracking.finish(tracker, ok)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    try:
+        from loraflow import planner
+    except ImportError:
+        raise LoraflowError("plan: the planner is not built yet in this version") from None
+    return planner.cli(cfg, paths, gpu_memory=args.gpu_memory, as_json=args.json, strict=args.strict)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from loraflow import registry, tracking
+    from loraflow.paths import Paths
+
+    cl = tracking.client(Paths.at(Path.cwd()))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        cl.get_registered_model(args.name)
+    except MlflowException:
+        raise LoraflowError(f"promote: no registered model named {args.name!r} in {tracking.tracking_uri(Paths.at(Path.cwd()))}") from None
+    if args.rollback:
+        old, new = registry.rollback(cl, args.name)
+        print(f"{args.name}@champion: v{old} -> v{new} (rollback)")
+        return 0
+    if args.version is None:
+        raise LoraflowError("promote: give --version N (or --rollback)")
+    try:
+        cl.get_model_version(args.name, str(args.version))
+    except MlflowException:
+        raise LoraflowError(f"promote: {args.name} has no version {args.version}") from None
+    old = registry.move_alias(cl, args.name, str(args.version), args.alias)
+    print(f"{args.name}@{args.alias}: v{old or '-'} -> v{args.version}")
+    return 0
+
+
+def cmd_build_base(args: argparse.Namespace) -> int:
+    from loraflow.basemodel import cli_build_base
+
+    return cli_build_base(args.out, args.steps)
+
+
+def _hide_user_error_tracebacks() -> None:
+    """Prefect logs a task's exception with its traceback; a user error needs only its one line."""
+
+    class UserErrorFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, LoraflowError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(UserErrorFilter())
+
+
+def _print_summary(out: dict[str, Any], paths) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ev = out.get("evaluate", {})
+    base, tuned = ev.get("base", {}), ev.get("tuned", {})
+    table = Table(title="base vs tuned (test split)")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    for m in ("loss", "perplexity", "exact_match", "token_f1"):
+        if m in base or m in tuned:
+            table.add_row(m, _num(base.get(m)), _num(tuned.get(m)))
+    console = Console(stderr=False)
+    console.print(table)
+    reg = out.get("register", {})
+    rel = lambda p: os.path.relpath(p, Path.cwd())  # noqa: E731
+    console.print(f"adapter:        {rel(paths.adapter)}")
+    console.print(f"merged model:   {rel(paths.merged)}")
+    console.print(f"MLflow run:     {out.get('mlflow_run_id')}")
+    if reg:
+        console.print(f"registered:     {reg.get('name')} v{reg.get('version')} "
+                      f"aliases={','.join(reg.get('aliases', []))} ({reg.get('reason')})")
+    from loraflow.tracking import tracking_uri
+
+    uri = tracking_uri(paths)
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + rel(uri.removeprefix("sqlite:///"))
+    console.print(f"open the UI:    mlflow ui --backend-store-uri {uri}")
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

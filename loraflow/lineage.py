@@ -1,0 +1,67 @@
+"""Where a model came from: git commit, dvc.lock digest, data digest and the knobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from loraflow.config import Config
+from loraflow.paths import Paths
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit (with ``-dirty`` when the work tree has changes), or ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def dvc_lock_digest(root: Path) -> str | None:
+    """md5 of dvc.lock where one exists: pins every stage's deps and outs at once."""
+    lock = root / "dvc.lock"
+    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else None
+
+
+def read_report(paths: Paths, stage: str) -> dict[str, Any]:
+    path = paths.report(stage)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def lineage_tags(cfg: Config, paths: Paths) -> dict[str, str]:
+    """Tags that lead a registered version back to its data, code and knobs."""
+    prepare = read_report(paths, "prepare")
+    tags = {
+        "base_model": cfg.model.base,
+        "base_revision": cfg.model.revision or "",
+        "method": cfg.method,
+        "lora_r": str(cfg.lora.r),
+        "lora_alpha": f"{cfg.lora.alpha:g}",
+        "lora_scale": f"{cfg.lora.scale:g}",
+        "lora_target_modules": json.dumps(cfg.lora.target_modules),
+        "dataset_digest": str(prepare.get("dataset_digest", "unknown")),
+        "git_commit": git_commit(paths.root),
+    }
+    lock = dvc_lock_digest(paths.root)
+    if lock:
+        tags["dvc_lock_digest"] = lock
+    return tags
+
+
+def lineage_key(cfg: Config, tags: dict[str, str]) -> str:
+    """One hash of (data, params, code): the same key is never registered twice."""
+    blob = json.dumps(
+        {"config": cfg.model_dump(mode="json"), "data": tags.get("dataset_digest"), "code": tags.get("git_commit")},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]

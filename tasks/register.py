@@ -107,12 +107,18 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> str:
     card = ModelCard(f"---\nlibrary_name: transformers\n---\n# {cfg.register.model_name}\n\n"
                      f"LoRA ({cfg.method}, r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) fine-tune of "
                      f"{cfg.model.base}, merged by loraflow.\n")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # mlflow's local-checkpoint path mode breaks on transformers 5 (pipeline impl is a string),
+    # so log the loaded components; the merged model is full precision and already on disk.
+    model = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(paths.merged)
     uri = tracking.tracking_uri(paths)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=str(paths.merged),
+            transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
             task="text-generation",
             input_example=example,

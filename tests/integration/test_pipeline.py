@@ -1,0 +1,120 @@
+"""The whole DAG as one Prefect flow run on a tiny model: QLoRA, then plain LoRA, then a worse run.
+
+Real parts: a temporary Prefect server (prefect_test_harness), a sqlite MLflow store, bitsandbytes
+NF4 on the CPU, the CLI in a subprocess for the user-facing path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraflow import registry, tracking
+from loraflow.config import load_config
+from loraflow.paths import Paths
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+RECORDS = [
+    {"instruction": f"What is the opposite of {a}?", "input": "", "output": b}
+    for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
+                 ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
+] * 1 + [
+    {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
+    for n in range(60)
+]
+
+
+def _project(tmp_path: Path, tiny_llama: Path) -> tuple[Path, list[str]]:
+    data = tmp_path / "data" / "raw" / "tiny.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    overrides = [
+        f"model.base={tiny_llama}", "data.path=data/raw/tiny.jsonl", "data.max_length=64",
+        "train.max_steps=30", "train.batch_size=8", "train.learning_rate=0.005", "train.save_steps=100",
+        "train.logging_steps=5", "eval.num_samples=8", "eval.max_new_tokens=4", "register.model_name=pipe",
+        "register.gate_metric=loss",
+    ]
+    return tmp_path, overrides
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_server, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, overrides = _project(tmp_path, tiny_llama)
+    paths = Paths.at(root)
+
+    out = finetune(config=load_config(None, overrides), root=str(root))
+    train = json.loads(paths.report("train").read_text())
+    first_loss = _first_logged_loss(paths)
+    assert train["train_loss"] < first_loss, (first_loss, train)
+    ev = json.loads(paths.report("evaluate").read_text())
+    assert ev["tuned"]["loss"] < ev["base"]["loss"]
+    merge = json.loads(paths.report("merge").read_text())
+    assert merge["max_abs_logit_diff"] < 1e-3
+    assert "quantization_config" not in json.loads((paths.merged / "config.json").read_text())
+    assert (paths.adapter / "adapter_model.safetensors").exists()
+    assert out["register"]["version"] == "1" and "champion" in out["register"]["aliases"]
+
+    cl = tracking.client(paths)
+    run = cl.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["method"] == "qlora" and p["lora_r"] == "16" and float(p["lora_scale"]) == 2.0
+    for key in ("base_model", "lora_alpha", "lora_dropout", "lora_target_modules", "quant_type", "double_quant",
+                "compute_dtype", "trainable_params", "trainable_pct", "max_length", "learning_rate"):
+        assert key in p, key
+    m = run.data.metrics
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "eval_exact_match", "eval_token_f1",
+                "base_eval_loss", "merge_max_abs_logit_diff"):
+        assert key in m, key
+    assert len(cl.get_metric_history(run.info.run_id, "train_loss")) >= 3
+
+    # Plain LoRA, a better loss target is not required: the gate decides on loss.
+    out2 = finetune(config=load_config(None, overrides + ["method=lora"]), root=str(root))
+    assert out2["register"]["version"] == "2"
+
+    # A worse run (barely trained) does not take champion.
+    champion_before = registry.alias_version(cl, "pipe", "champion")
+    out3 = finetune(config=load_config(None, overrides + ["train.max_steps=1", "train.learning_rate=1e-6"]),
+                    root=str(root))
+    assert out3["register"]["decision"] == "kept"
+    assert registry.alias_version(cl, "pipe", "champion") == champion_before
+    assert registry.alias_version(cl, "pipe", "challenger") == out3["register"]["version"]
+
+
+def _first_logged_loss(paths: Paths) -> float:
+    import csv
+
+    with paths.train_log.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("loss")]
+    return float(rows[0]["loss"])
+
+
+def test_cli_run_bad_data_is_one_line_without_traceback(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "stage", "prepare", "-c", str(ROOT / "params.yaml"),
+         "-s", f"model.base={tiny_llama}", "-s", f"data.path={bad}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "bad.jsonl:2" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -110,8 +110,9 @@ def test_cli_run_bad_data_is_one_line_without_traceback(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     proc = subprocess.run(
-        [sys.executable, "-m", "loraflow.cli", "stage", "prepare", "-c", str(ROOT / "params.yaml"),
+        [sys.executable, "-m", "loraflow.cli", "stage", "prepare",
          "-s", f"model.base={tiny_llama}", "-s", f"data.path={bad}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
     )

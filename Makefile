@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test test-fast clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,3 +28,6 @@ test-fast: setup
 
 clean:
 	rm -rf outputs data/prepared reports/*.json reports/*.jsonl reports/*.csv reports/*.txt
+
+docs: setup
+	$(PY) -m loraflow.readme

@@ -365,3 +365,34 @@ def _source(loc: tuple[str, ...], where: str, lines: dict[tuple[str, ...], int],
         if loc[:n] in lines:
             return f"{where}:{lines[loc[:n]]}"
     return where
+
+
+def reference_markdown(shipped: "Config | None" = None) -> str:
+    """The README's config reference: every key, its default and meaning, from the schema itself.
+
+    With ``shipped`` (the repo's params.yaml) a column shows the value tuned for the embedded model.
+    """
+    head = "| key | default | params.yaml | meaning |" if shipped else "| key | default | meaning |"
+    rows = [head, "|---|---|---|" + ("---|" if shipped else "")]
+    flat = shipped.flat() if shipped else {}
+
+    def show(v: Any) -> str:
+        text = "null" if v is None else yaml.safe_dump(v, default_flow_style=True).strip()
+        return "`" + text.removesuffix("...").strip() + "`"
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            key = f"{prefix}{name}"
+            default = field.get_default(call_default_factory=True)
+            cells = [f"`{key}`", show(default)]
+            if shipped:
+                cells.append(show(flat[key]) if flat[key] != default else "")
+            cells.append((field.description or "").replace("|", "\\|"))
+            rows.append("| " + " | ".join(cells) + " |")
+
+    walk(Config, "")
+    return "\n".join(rows)

@@ -98,3 +98,12 @@ def test_cli_prints_one_line_and_exit_code_2_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "did you mean lora.r?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from loraflow.readme import render
+
+    readme = (ROOT / "README.md").read_text()
+    assert render(readme, ROOT / "params.yaml") == readme, "README config reference is stale: run `make docs`"
+    for key in Config().flat():
+        assert f"`{key}`" in readme

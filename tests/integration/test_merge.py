@@ -1,0 +1,229 @@
+"""merge on a tiny Llama: QLoRA (dequantized and original bases), plain LoRA, TRAPS.md 1 and 2.
+
+The shape of peft's own merge tests: adapter ≈ merged, no tuner layers left, output differs from
+the base; plus what QLoRA adds: the merged model computes what the 4-bit model + adapter computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from loraflow import modeling
+from loraflow.errors import LoraflowError, ModelError
+from tests.integration.test_evaluate import ROWS, make_project, plant_adapter
+
+EXACT = 1e-4  # fp32 merge vs unmerged: ~3e-7 measured here
+
+
+def _probe_logits(model, tok) -> torch.Tensor:
+    enc = tok([r["prompt"] + r["completion"] for r in ROWS], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**enc).logits.float()
+    return logits[enc["attention_mask"].bool()]
+
+
+def _trained_logits(cfg, paths) -> torch.Tensor:
+    """What training and evaluate computed: the base as trained + the adapter."""
+    from tasks.evaluate import load_adapter_tokenizer, load_tuned
+
+    return _probe_logits(load_tuned(cfg, paths), load_adapter_tokenizer(cfg, paths))
+
+
+def _run_merge(cfg, paths):
+    import tasks.merge
+
+    logged = {}
+
+    class Recorder:
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            logged.update(metrics)
+
+    return tasks.merge.run(cfg, paths, Recorder()), logged
+
+
+@pytest.fixture(scope="module")
+def qlora(tmp_path_factory, tiny_models):
+    """A QLoRA project with a planted adapter and an evaluate report holding the tuned loss."""
+    from loraflow.generation import completion_loss
+    from tasks.evaluate import load_adapter_tokenizer, load_tuned
+
+    cfg, paths = make_project(tmp_path_factory.mktemp("qlora"), tiny_models["llama"])
+    plant_adapter(cfg, paths)
+    tuned_loss, _ = completion_loss(load_tuned(cfg, paths), load_adapter_tokenizer(cfg, paths), ROWS, 4, 64)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.report("evaluate").write_text(json.dumps({"tuned": {"loss": tuned_loss}, "base": {}}))
+    return cfg, paths, _trained_logits(cfg, paths)
+
+
+@pytest.fixture(scope="module")
+def dequantized(qlora):
+    cfg, paths, trained = qlora
+    result, logged = _run_merge(cfg, paths)
+    return cfg, paths, trained, result, logged
+
+
+def test_dequantized_merge_report(dequantized):
+    _, paths, _, result, logged = dequantized
+    report = json.loads(paths.report("merge").read_text())
+    keys = {"max_abs_logit_diff", "max_abs_logit_diff_trained", "loss", "loss_delta",
+            "latency_ms_merged", "latency_ms_base"}
+    assert keys <= report.keys() and report["merge_base"] == "dequantized" == result.merge_base
+    assert all(isinstance(report[k], float) for k in keys)
+    assert report["max_abs_logit_diff"] < EXACT
+    assert report["max_abs_logit_diff_trained"] < EXACT  # computes what was trained (TRAPS.md 2)
+    assert abs(report["loss_delta"]) < 1e-4  # ... and what evaluate measured
+    assert report["latency_ms_merged"] > 0 and report["latency_ms_base"] > 0
+    assert logged["merge_max_abs_logit_diff"] == report["max_abs_logit_diff"]
+    assert logged["merge_loss"] == report["loss"]
+
+
+def test_dequantized_merge_saved_model(dequantized):
+    """Reloaded from disk: plain fp32, no LoRA, no quantization_config, = trained model, != base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.merge import lora_modules
+
+    cfg, paths, trained, _, _ = dequantized
+    config = json.loads((paths.merged / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["dtype"] == "float32"
+    assert (paths.merged / "model.safetensors").exists() and (paths.merged / "tokenizer.json").exists()
+    assert not list(paths.merged.parent.glob(".merged.tmp-*"))
+    merged = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(paths.merged)
+    assert not lora_modules(merged) and modeling.count_4bit_layers(merged) == 0
+    logits = _probe_logits(merged, tok)
+    assert (logits - trained).abs().max() < EXACT
+    base = modeling.load_model(cfg, paths, quantized=False)
+    assert (logits - _probe_logits(base, tok)).abs().max() > 1e-2
+
+
+def test_dequantize_into_matches_transformers_dequantize(qlora):
+    """Our per-layer dequantization is bit-identical to transformers' model.dequantize() in fp32."""
+    from tasks.merge import dequantize_into
+
+    cfg, paths, _ = qlora
+    ours = modeling.load_model(cfg, paths, quantized=False)
+    n = dequantize_into(ours, modeling.load_model(cfg, paths, quantized=True))
+    theirs = modeling.load_model(cfg, paths, quantized=True).dequantize(dtype=torch.float32)
+    assert n == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    expected = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, expected[name].float()), name
+
+
+def test_original_base_differs_by_quantization_error(qlora, dequantized, tmp_path):
+    """merge.base=original: exact against the fp32 base, but off the trained model by the NF4 error."""
+    cfg, paths, trained, dq_result, _ = dequantized
+    cfg_o, paths_o = make_project(tmp_path, cfg.model.base, **{"merge": {"base": "original"}})
+    shutil.copytree(paths.adapter, paths_o.adapter)
+    result, _ = _run_merge(cfg_o, paths_o)
+    assert result.merge_base == "original"
+    assert result.max_abs_logit_diff < EXACT
+    assert result.max_abs_logit_diff_trained > 1e-3 > 100 * dq_result.max_abs_logit_diff_trained
+    assert result.loss_delta is None  # evaluate has not run in this project
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(paths_o.merged, use_safetensors=True)
+    tok = modeling.load_tokenizer(cfg_o, paths_o)
+    assert (_probe_logits(merged, tok) - trained).abs().max() > 1e-3
+
+
+def test_eval_forward_on_4bit_model_before_merge_is_harmless(qlora):
+    """TRAPS.md 1: an eval-mode, no-grad forward (and generation) on the 4-bit model, then merge."""
+    import bitsandbytes as bnb
+
+    from loraflow.generation import greedy_generate
+    from tasks.evaluate import attach_adapter, load_adapter_tokenizer
+    from tasks.merge import dequantize_into, lora_modules
+
+    cfg, paths, trained = qlora
+    tok = load_adapter_tokenizer(cfg, paths)
+    quantized = modeling.load_model(cfg, paths, quantized=True)
+    with_adapter = attach_adapter(quantized, paths)
+    before = _probe_logits(with_adapter, tok)  # eval() + no_grad: the repack trigger
+    greedy_generate(with_adapter, tok, [ROWS[0]["prompt"]], max_new_tokens=3, batch_size=1)
+    assert (before - trained).abs().max() < EXACT
+    for m in quantized.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+
+    fp32 = modeling.load_model(cfg, paths, quantized=False)
+    # dequantize from the model that ran the forwards (the LoRA wrappers hold the same Linear4bit)
+    assert dequantize_into(fp32, with_adapter.get_base_model()) == 14
+    merged = attach_adapter(fp32, paths).merge_and_unload()
+    assert not lora_modules(merged)
+    assert (_probe_logits(merged, tok) - trained).abs().max() < EXACT
+
+
+def test_repacked_4bit_weights_are_refused(qlora):
+    """TRAPS.md 1: weights that bitsandbytes repacked in place for CPU inference are never merged."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from tasks.merge import dequantize_into
+
+    cfg, paths, _ = qlora
+    quantized = modeling.load_model(cfg, paths, quantized=True)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    if F.has_avx512bf16():  # the real trigger: an eval-mode no-grad forward with the repack enabled
+        layer.support_avx512bf16_for_cpu = True
+        quantized.eval()
+        with torch.no_grad():
+            layer(torch.randn(1, 3, layer.in_features))
+    else:  # this CPU cannot run the packed kernel: apply the same in-place conversion the forward does
+        layer.weight.data, _ = F._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    with pytest.raises(ModelError, match="TRAPS.md 1"):
+        dequantize_into(modeling.load_model(cfg, paths, quantized=False), quantized)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, tiny_models):
+    cfg, paths = make_project(tmp_path_factory.mktemp("lora"), tiny_models["llama"], method="lora")
+    plant_adapter(cfg, paths, seed=1)
+    return cfg, paths
+
+
+def test_lora_merge(lora):
+    """method lora: the adapter trained on the fp32 base; merged there, whatever merge.base says."""
+    cfg, paths = lora
+    trained = _trained_logits(cfg, paths)
+    result, _ = _run_merge(cfg, paths)
+    assert result.merge_base == "original"
+    assert result.max_abs_logit_diff < EXACT and result.max_abs_logit_diff_trained == result.max_abs_logit_diff
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
+    tok = modeling.load_tokenizer(cfg, paths)
+    assert (_probe_logits(merged, tok) - trained).abs().max() < EXACT
+    assert "quantization_config" not in json.loads((paths.merged / "config.json").read_text())
+
+
+def test_merge_that_drops_the_adapter_fails_and_saves_nothing(lora, tmp_path, monkeypatch):
+    """A merge that silently loses the adapter (simulated: unload instead of merge) is caught."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    cfg, paths = lora
+    cfg_t, paths_t = make_project(tmp_path, cfg.model.base, method="lora")
+    shutil.copytree(paths.adapter, paths_t.adapter)
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(LoraflowError, match="merge.tolerance"):
+        _run_merge(cfg_t, paths_t)
+    assert not paths_t.merged.exists() and not paths_t.report("merge").exists()
+
+
+def test_merge_without_adapter_says_train_first(tmp_path, tiny_llama):
+    import tasks.merge
+
+    cfg, paths = make_project(tmp_path, tiny_llama)
+    with pytest.raises(ModelError, match="loraflow stage train"):
+        tasks.merge.run(cfg, paths)

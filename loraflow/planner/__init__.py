@@ -1,0 +1,236 @@
+"""``loraflow plan``: memory, time and the right knobs, known before a run starts.
+
+Reads only the base model's ``config.json`` (the model is built on the meta device: no weights,
+no GPU) and counts the dataset cheaply. ``plan()`` returns a typed ``Plan``; ``lints()`` is
+separate so ``loraflow run`` can log the advice at its start; ``cli()`` is the command.
+
+    plan = planner.plan(cfg, paths, gpu_memory=24)
+    plan.method, plan.estimates_gib["qlora"], plan.trainable_params, [x.id for x in plan.lints]
+
+The formulas live in ``loraflow.planner.estimates`` (memory, activations, time) and the lint
+thresholds in ``loraflow.planner.checks``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+
+from loraflow.config import Config
+from loraflow.errors import ConfigError, TrainingError
+from loraflow.paths import Paths
+from loraflow.planner import estimates as est
+from loraflow.planner.checks import LINT_IDS, last_tracked_lora, lints
+from loraflow.planner.dataset import data_size
+from loraflow.planner.estimates import HEADROOM
+from loraflow.planner.result import GIB, METHODS, DataSize, Device, Lint, Memory, Plan
+from loraflow.planner.shapes import Linear, ModelShape, model_shape, read_config, resolve_targets
+
+__all__ = [
+    "plan", "lints", "cli", "detect_device", "memory_estimates",
+    "Plan", "Lint", "Device", "Memory", "DataSize", "ModelShape", "LINT_IDS", "HEADROOM",
+    "last_tracked_lora", "model_shape", "resolve_targets",
+]
+
+STRICT_EXIT = 3  # --strict with warnings: distinct from user errors (1, 2)
+
+
+def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lints: bool = True) -> Plan:
+    """The plan for ``cfg``: estimates for full, LoRA and QLoRA, the method, trainables, time, lints.
+
+    ``gpu_memory`` (GiB) stands for the training GPU; None detects a CUDA GPU through torch, else
+    plans for this machine's CPU and RAM. With ``method: auto`` it resolves the method (LoRA when
+    its 16-bit estimate is at most 85% of the memory, else QLoRA when that is) or raises
+    ``TrainingError`` naming what would fit.
+    """
+    config, where = read_config(cfg, paths)
+    shape = model_shape(config, cfg.model.trust_remote_code)
+    targets, adapted = resolve_targets(shape, cfg.lora.target_modules)
+    adapter = est.lora_params(adapted, cfg.lora.r)
+    trainable = adapter + est.trainable_biases(shape, adapted, cfg.lora.bias)
+    device = detect_device(gpu_memory)
+    t = cfg.train
+    seq, batch, ckpt = cfg.data.max_length, t.batch_size, t.gradient_checkpointing
+    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt)
+    method, reason, hint = _choose_method(cfg, shape, adapted, trainable, device, memory)
+    data = data_size(cfg, paths)
+    steps, tokens = est.steps_and_tokens(
+        data.train_records, data.tokens_per_record, t.epochs, t.max_steps, batch, t.grad_accum
+    )
+    seconds = {
+        m: None if tokens is None else est.train_seconds(
+            est.flops_per_token(shape, m, trainable, ckpt), tokens, device.effective_flops, m
+        )
+        for m in METHODS
+    }
+    result = Plan(
+        base=where,
+        model_type=shape.model_type,
+        params_total=shape.params_total,
+        params_quantized=shape.params_quantized,
+        params_matmul=shape.params_matmul,
+        targets=targets,
+        target_roles=sorted({x.role for x in adapted}),
+        adapted_modules=len(adapted),
+        trainable_params=trainable,
+        # peft's print_trainable_parameters: trainable / all parameters of the adapted model.
+        trainable_pct=100 * trainable / (shape.params_total + adapter),
+        device=device,
+        memory=memory,
+        method=method,
+        method_reason=reason,
+        fit_hint=hint,
+        data=data,
+        steps=steps,
+        train_tokens=tokens,
+        seconds=seconds,
+        seq_len=seq,
+        batch_size=batch,
+        gradient_checkpointing=ckpt,
+        assumptions=_assumptions(cfg, device, data),
+    )
+    return replace(result, lints=lints(cfg, paths, result)) if with_lints else result
+
+
+def memory_estimates(
+    shape: ModelShape, cfg: Config, adapted: list[Linear], trainable: int, seq: int, batch: int, checkpointing: bool
+) -> dict[str, Memory]:
+    """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing."""
+    full_act = est.activation_bytes(shape, seq, batch, checkpointing)
+    lora_act = est.activation_bytes(
+        shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0
+    )
+    return {
+        "full": est.full_memory(shape, full_act),
+        "lora": est.lora_memory(shape, trainable, lora_act),
+        "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant),
+    }
+
+
+def detect_device(gpu_memory: float | None = None) -> Device:
+    """The training device: ``--gpu-memory``, else the first CUDA GPU, else this CPU and its RAM."""
+    cuda = _cuda()
+    if gpu_memory is not None:
+        if not gpu_memory > 0:
+            raise ConfigError(f"--gpu-memory: must be a positive number of GiB, got {gpu_memory:g}")
+        name = cuda[0] if cuda else f"GPU ({gpu_memory:g} GiB)"
+        peak, _ = est.gpu_peak_tflops(name)
+        return Device(name, "gpu", float(gpu_memory), peak, est.GPU_MFU, "--gpu-memory")
+    if cuda:
+        peak, _ = est.gpu_peak_tflops(cuda[0])
+        return Device(cuda[0], "gpu", round(cuda[1], 2), peak, est.GPU_MFU, "torch.cuda")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return Device(f"CPU ({cores} cores)", "cpu", round(ram, 2), est.CPU_TFLOPS_PER_CORE * cores, 1.0, "system RAM")
+
+
+def _cuda() -> tuple[str, float] | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory / GIB
+    except Exception:  # a broken driver is "no GPU" for planning
+        return None
+
+
+def _choose_method(
+    cfg: Config, shape: ModelShape, adapted: list[Linear], trainable: int, device: Device, memory: dict[str, Memory]
+) -> tuple[str, str, str]:
+    """(method, why, what would fit): the seed's decision guide for ``auto``."""
+    limit = HEADROOM * device.memory_gib * GIB
+    where = f"{HEADROOM:.0%} of {device.memory_gib:g} GiB ({device.name})"
+    lora, qlora = memory["lora"].total, memory["qlora"].total
+    if cfg.method != "auto":
+        fits = memory[cfg.method].total <= limit
+        hint = "" if fits else _fit_hint(cfg, shape, adapted, trainable, device, cfg.method)
+        return cfg.method, f"method: {cfg.method} as configured", hint
+    if lora <= limit:
+        return "lora", f"auto: the 16-bit LoRA estimate {lora / GIB:.1f} GiB fits within {where}", ""
+    if qlora <= limit:
+        return "qlora", (f"auto: 16-bit LoRA needs {lora / GIB:.1f} GiB, over {where}; "
+                         f"QLoRA's 4-bit base needs {qlora / GIB:.1f} GiB"), ""
+    raise TrainingError(
+        f"plan: {shape.model_type} ({shape.params_total / 1e9:.2f}B parameters) does not fit {where}: "
+        f"QLoRA needs ~{qlora / GIB:.1f} GiB, LoRA ~{lora / GIB:.1f} GiB; "
+        + _fit_hint(cfg, shape, adapted, trainable, device, None)
+    )
+
+
+def _fit_hint(
+    cfg: Config, shape: ModelShape, adapted: list[Linear], trainable: int, device: Device, method: str | None
+) -> str:
+    """The least change that fits: the other method, then checkpointing, smaller batches, shorter sequences."""
+    limit = HEADROOM * device.memory_gib * GIB
+    methods = ["lora", "qlora"] if method in (None, "lora") else [method]
+    seq, batch, ckpt = cfg.data.max_length, cfg.train.batch_size, cfg.train.gradient_checkpointing
+    options: list[tuple[int, int, bool]] = [(seq, batch, ckpt), (seq, batch, True)]
+    b = batch
+    while b > 1:
+        b //= 2
+        options.append((seq, b, True))
+    s = seq
+    while s > 128:
+        s //= 2
+        options.append((s, 1, True))
+    for s, b, c in options:
+        memory = memory_estimates(shape, cfg, adapted, trainable, s, b, c)
+        for m in methods:
+            if memory[m].total > limit:
+                continue
+            changes = [f"-s method={m}"] if method is not None and m != method else []
+            changes += ["-s train.gradient_checkpointing=true"] if c and not ckpt else []
+            changes += [f"-s train.batch_size={b}"] if b != batch else []
+            changes += [f"-s data.max_length={s}"] if s != seq else []
+            then = f"{m} ~{memory[m].total / GIB:.1f} GiB"
+            keep = "; raise train.grad_accum to keep the effective batch" if b < batch else ""
+            return f"it would fit with {' '.join(changes)} ({then}){keep}"
+    floor = memory_estimates(shape, cfg, adapted, trainable, options[-1][0], 1, True)
+    smallest = min(methods, key=lambda m: floor[m].total)
+    need = floor[smallest].total / HEADROOM / GIB
+    return (f"even at batch 1, {options[-1][0]} tokens and gradient checkpointing {smallest} needs "
+            f"~{floor[smallest].total / GIB:.1f} GiB (its weights alone {floor[smallest].weights / GIB:.1f} GiB): "
+            f"use a device with at least {need:.0f} GiB or a smaller model.base")
+
+
+def _assumptions(cfg: Config, device: Device, data: DataSize) -> list[str]:
+    bits = est.NF4_BITS[cfg.quantization.double_quant]
+    known = est.gpu_peak_tflops(device.name)[1] if device.kind == "gpu" else True
+    speed = (f"{device.peak_tflops:g} TFLOP/s bf16 dense peak × {device.mfu:.0%} MFU"
+             + ("" if known else " (GPU model unknown: A100-class assumed)")
+             if device.kind == "gpu" else
+             f"{device.peak_tflops:g} TFLOP/s effective on CPU ({est.CPU_TFLOPS_PER_CORE:g} per core)")
+    return [
+        "memory: full = 12·P (16-bit weights and gradients, fp32 Adam moments); "
+        "LoRA = 2·P + 16·P_adapter (16-bit frozen base, fp32 adapters with gradients and Adam); "
+        f"QLoRA = {bits:.3f}/8·P_linear + 4·P_rest + 16·P_adapter + one dequantized linear; "
+        "each + activations (Korthikanti et al. 2022 per layer, + fp32 logits)",
+        f"activations at batch {cfg.train.batch_size} × {cfg.data.max_length} tokens (data.max_length, fully padded), "
+        f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}; "
+        f"fits = at most {HEADROOM:.0%} of the device memory",
+        f"time: {speed}; FLOPs/token full 6·N, LoRA 4·N + 6·P_adapter (frozen weights get no weight "
+        f"gradient), + 2·N with checkpointing; QLoRA × {est.QLORA_SLOWDOWN} for dequantization",
+        f"records: {data.records_source}",
+        f"tokens per record: {data.tokens_source}",
+    ]
+
+
+def cli(cfg: Config, paths: Paths, gpu_memory: float | None = None, as_json: bool = False, strict: bool = False) -> int:
+    """``loraflow plan``: print the plan (a table, or one JSON object); exit 3 on warnings with ``strict``."""
+    result = plan(cfg, paths, gpu_memory)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from loraflow.planner.render import render
+
+        render(result, cfg)
+    if strict and result.warnings:
+        for lint in result.warnings:
+            print(f"loraflow: warning [{lint.id}]: {lint.message}", file=sys.stderr)
+        print(f"loraflow: --strict: {len(result.warnings)} warning(s)", file=sys.stderr)
+        return STRICT_EXIT
+    return 0

@@ -1,0 +1,211 @@
+"""Memory and time formulas of ``loraflow plan``: plain arithmetic on a model's shapes.
+
+Notation: P total parameters (tied embeddings once), P_q the linear weights QLoRA stores in
+4-bit (every linear but the LM head), N_mm the weights a token multiplies through (the linears
+and the LM head), P_a the trainable adapter parameters, h hidden size, L layers, a attention
+heads, i the MLP's inner width, V vocabulary, s sequence length (``data.max_length``: the
+worst case, a batch padded to the limit), b the per-device batch (``train.batch_size``;
+gradient accumulation adds no memory). All figures are estimates of the peak, in bytes; the
+CUDA context, allocator fragmentation and framework buffers are not counted, which is what
+the 15% headroom is for.
+"""
+
+from __future__ import annotations
+
+import math
+
+from loraflow.planner.result import Memory
+from loraflow.planner.shapes import Linear, ModelShape
+
+# A method "fits" when its estimate is at most this share of the device's memory.
+HEADROOM = 0.85
+
+# NF4 stores 4 bits per weight plus one absmax constant per block of 64. Double quantization
+# stores those constants in 8 bits with one fp32 constant per 256 of them:
+# 4 + 8/64 + 32/(64·256) = 4.127 bits; without it 4 + 32/64 = 4.5 bits (QLoRA paper, §3).
+NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
+
+# Bytes per full-fine-tuning parameter: 16-bit weight (2) + 16-bit gradient (2) + Adam's two
+# fp32 moments (4 + 4). 12 × 65.3B = 783 GB: the QLoRA paper's ">780 GB" for LLaMA-65B.
+# The article's "about 4× the 16-bit model" (8 bytes) keeps the moments in 16-bit too; an fp32
+# master copy (mixed precision, ZeRO paper) would add 4 more.
+FULL_BYTES_PER_PARAM = 2 + 2 + 4 + 4
+
+# Bytes per adapter parameter: peft upcasts adapters to fp32 (autocast_adapter_dtype=True), so
+# fp32 weight (4) + fp32 gradient (4) + Adam's two fp32 moments (8).
+ADAPTER_BYTES_PER_PARAM = 4 + 4 + 8
+
+# Bytes per parameter QLoRA does not quantize (embeddings, LM head, norms, biases): peft's
+# prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32.
+QLORA_UNQUANTIZED_BYTES = 4
+
+# QLoRA dequantizes every 4-bit weight in every forward and backward: the article (and the
+# QLoRA paper's measurements it quotes) put it at about 39% slower than 16-bit LoRA.
+QLORA_SLOWDOWN = 1.39
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, most specific first; MFU is what a
+# fine-tuning run reaches of it. An unknown GPU is assumed A100-class.
+GPU_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIE", 756.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A6000", 155.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+UNKNOWN_GPU_TFLOPS = 312.0
+GPU_MFU = 0.40
+# A CPU has no comparable "peak": this is an effective training throughput per core, the order
+# measured on the project's 2-core machines (a 5M-parameter Llama at ~3k tokens/s ≈ 0.1 TFLOP/s).
+CPU_TFLOPS_PER_CORE = 0.05
+
+
+def activation_bytes(
+    shape: ModelShape,
+    seq: int,
+    batch: int,
+    checkpointing: bool,
+    adapted: list[Linear] = (),  # type: ignore[assignment]
+    rank: int = 0,
+    dropout: bool = False,
+) -> float:
+    """Activations kept for the backward pass, at the peak, in bytes (16-bit compute).
+
+    Per decoder layer, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", eq. 2, no tensor parallelism) give ``s·b·h·(34 + 5·a·s/h)``: attention
+    ``11·s·b·h + 5·a·s²·b``, two layer norms ``4·s·b·h``, MLP ``19·s·b·h``. The MLP term is
+    written here for the model's own inner width i: ``3·s·b·h + 4·s·b·i`` (two saved i-wide
+    tensors), ``3·s·b·h + 8·s·b·i`` for a gated SwiGLU MLP (four); i = 4h gives back 19.
+
+        layer = s·b·(18·h + 4·i·(2 if gated else 1)) + 5·a·s²·b
+
+    Adapters add, per adapted linear (peft casts the input to the adapters' fp32, bf16 autocast
+    casts it back for the matmul, so A keeps its own 16-bit copy of the input), ``2·s·b·in``,
+    ``3·s·b·in`` with dropout (its 1-byte mask), and the rank-r intermediate ``2·s·b·r`` that B
+    keeps; ``adapter`` is that sum over the model divided by L.
+
+        no checkpointing:  L·(layer + adapter)
+        checkpointing:     2·s·b·h·L + layer + adapter   (each layer's 16-bit input is kept;
+                           one layer's activations are rebuilt at a time in backward)
+
+    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3). The attention
+    term assumes eager attention: with SDPA/flash kernels the ``5·a·s²·b`` scores are not stored,
+    so the estimate is conservative at long sequences. It is the same for full fine-tuning and
+    LoRA (the frozen base's activations are still needed to reach earlier adapters).
+    """
+    s, b, h, i = seq, batch, shape.hidden, shape.intermediate
+    layer = s * b * (18 * h + 4 * i * (2 if shape.gated_mlp else 1)) + 5 * shape.heads * s * s * b
+    adapter = s * b * sum((3 if dropout else 2) * x.in_features + 2 * rank for x in adapted) / shape.layers
+    if checkpointing:
+        kept = 2 * s * b * h * shape.layers + layer + adapter
+    else:
+        kept = shape.layers * (layer + adapter)
+    return kept + 4 * s * b * shape.vocab
+
+
+def lora_params(adapted: list[Linear], rank: int) -> int:
+    """Adapter parameters: ``r·(in + out)`` per adapted linear (A is r×in, B is out×r).
+
+    Llama-2-7B, r=8 on q_proj and v_proj: 32 layers × 2 × 8·(4096 + 4096) = 4,194,304.
+    """
+    return sum(rank * (x.in_features + x.out_features) for x in adapted)
+
+
+def trainable_biases(shape: ModelShape, adapted: list[Linear], bias: str) -> int:
+    """Biases peft trains besides the adapters: ``all`` every bias, ``lora_only`` the adapted ones'."""
+    if bias == "all":
+        pool = list(shape.linears) + ([shape.head] if shape.head else [])
+    elif bias == "lora_only":
+        pool = adapted
+    else:
+        return 0
+    return sum(x.out_features for x in pool if x.has_bias)
+
+
+def full_memory(shape: ModelShape, activations: float) -> Memory:
+    """Full fine-tuning with Adam: ``12·P + activations``.
+
+    16-bit weights 2·P, 16-bit gradients 2·P, Adam's fp32 moments 8·P.
+    """
+    p = shape.params_total
+    return Memory(weights=2 * p, trainable_state=(FULL_BYTES_PER_PARAM - 2) * p, activations=activations)
+
+
+def lora_memory(shape: ModelShape, trainable: int, activations: float) -> Memory:
+    """16-bit LoRA: ``2·P + 16·P_a + activations``.
+
+    The frozen base in 16-bit (2·P; no gradients, no optimizer state); each adapter parameter
+    costs 16 bytes (fp32 weight, gradient and two Adam moments).
+    """
+    return Memory(
+        weights=2 * shape.params_total,
+        trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
+        activations=activations,
+    )
+
+
+def qlora_memory(shape: ModelShape, trainable: int, activations: float, double_quant: bool = True) -> Memory:
+    """QLoRA: ``4.127/8·P_q + 4·(P − P_q) + 16·P_a + activations + 2·max(in·out)``.
+
+    The linear weights in NF4 (4.127 bits each with double quantization, 4.5 without); the rest
+    (embeddings, LM head, norms, biases) in fp32, as prepare_model_for_kbit_training leaves
+    them; the adapters as in LoRA; and one linear's weight dequantized to 16-bit at a time.
+    """
+    pq = shape.params_quantized
+    weights = NF4_BITS[double_quant] / 8 * pq + QLORA_UNQUANTIZED_BYTES * (shape.params_total - pq)
+    workspace = 2 * max((x.weight_numel for x in shape.linears), default=0)
+    return Memory(
+        weights=weights,
+        trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
+        activations=activations,
+        workspace=workspace,
+    )
+
+
+def flops_per_token(shape: ModelShape, method: str, trainable: int, checkpointing: bool) -> float:
+    """Training FLOPs per token (the attention-score matmuls, ~2·L·s·h, are left out).
+
+    - full: ``6·N_mm`` (forward 2·N_mm, backward 4·N_mm: input and weight gradients);
+    - LoRA and QLoRA: ``4·N_mm + 6·P_a``: backward through a frozen weight computes only the
+      input gradient (2·N_mm), not the weight gradient; the adapters train in full;
+    - gradient checkpointing repeats the forward: ``+ 2·N_mm``.
+    QLoRA's dequantization cost is applied to the time, not counted as FLOPs.
+    """
+    n = shape.params_matmul
+    base = 6 * n if method == "full" else 4 * n + 6 * trainable
+    return base + (2 * n if checkpointing else 0)
+
+
+def train_seconds(flops: float, tokens: float, effective_flops: float, method: str) -> float:
+    """``tokens × FLOPs/token ÷ (peak × MFU)``, × 1.39 for QLoRA's on-the-fly dequantization."""
+    seconds = tokens * flops / effective_flops
+    return seconds * (QLORA_SLOWDOWN if method == "qlora" else 1.0)
+
+
+def gpu_peak_tflops(name: str) -> tuple[float, bool]:
+    """Dense bf16 peak of a GPU by its name, and whether the name was known."""
+    upper = name.upper()
+    for key, tflops in GPU_PEAK_TFLOPS:
+        if key in upper:
+            return tflops, True
+    return UNKNOWN_GPU_TFLOPS, False
+
+
+def steps_and_tokens(
+    records: int | None, tokens_per_record: float, epochs: float, max_steps: int, batch: int, accum: int
+) -> tuple[int | None, float | None]:
+    """Optimizer steps and tokens trained: ``max_steps`` when set, else ``epochs`` over the records."""
+    per_step = batch * accum
+    if max_steps > 0:
+        return max_steps, max_steps * per_step * tokens_per_record
+    if records is None:
+        return None, None
+    steps = math.ceil(epochs * math.ceil(math.ceil(records / batch) / accum))
+    return steps, records * epochs * tokens_per_record

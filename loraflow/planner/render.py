@@ -1,0 +1,76 @@
+"""The readable ``loraflow plan`` report (rich): memory and time per method, trainables, lints."""
+
+from __future__ import annotations
+
+from loraflow.config import Config
+from loraflow.planner.checks import _duration
+from loraflow.planner.estimates import HEADROOM
+from loraflow.planner.result import GIB, METHODS, Plan
+
+
+def render(plan: Plan, cfg: Config, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape as e
+    from rich.table import Table
+
+    console = console or Console()
+    d = plan.device
+    console.print(f"[bold]base[/bold]      {e(plan.base)} ({plan.model_type}, {_count(plan.params_total)} parameters)")
+    console.print(f"[bold]device[/bold]    {e(d.name)}: {d.memory_gib:g} GiB ({d.source}); "
+                  f"fits = at most {HEADROOM:.0%} = {HEADROOM * d.memory_gib:.1f} GiB")
+    console.print(f"[bold]shape[/bold]     batch {plan.batch_size} × {plan.seq_len} tokens, gradient checkpointing "
+                  f"{'on' if plan.gradient_checkpointing else 'off'}")
+
+    table = Table(title="peak training memory and time")
+    for col in ("method", "weights", "grads + optimizer", "activations", "total", "fits", "time"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m in METHODS:
+        mem = plan.memory[m]
+        chosen = " ◀" if m == plan.method else ""
+        secs = plan.seconds.get(m)
+        table.add_row(
+            f"{m}{chosen}",
+            _size(mem.weights),
+            _size(mem.trainable_state),
+            _size(mem.activations + mem.workspace),
+            f"[bold]{_size(mem.total)}[/bold]",
+            "yes" if plan.fits(m, HEADROOM) else "[red]no[/red]",
+            _duration(secs) if secs is not None else "?",
+        )
+    console.print(table)
+
+    console.print(f"[bold]method[/bold]    {plan.method} — {e(plan.method_reason)}")
+    if plan.fit_hint:
+        console.print(f"          [red]{e(plan.fit_hint)}[/red]")
+    console.print(f"[bold]trainable[/bold] {plan.trainable_params:,} ({plan.trainable_pct:.4f}%) in "
+                  f"{plan.adapted_modules} modules: {e(', '.join(plan.targets))} "
+                  f"(r={cfg.lora.r}, α={cfg.lora.alpha:g}, α/r={cfg.lora.scale:g})")
+    data = plan.data
+    records = f"{data.train_records:,}" if data.train_records is not None else "?"
+    tokens = f"{plan.train_tokens / 1e6:.2f}M" if plan.train_tokens is not None else "?"
+    steps = f"{plan.steps:,}" if plan.steps is not None else "?"
+    console.print(f"[bold]data[/bold]      {records} train records, ~{data.tokens_per_record:g} tokens each → "
+                  f"{steps} steps, {tokens} tokens")
+    if plan.lints:
+        console.print("[bold]lints[/bold]")
+        for lint in plan.lints:
+            color = "yellow" if lint.level == "warning" else "cyan"
+            console.print(f"  [{color}]{lint.level}[/{color}] {e('[' + lint.id + ']')} {e(lint.message)}", highlight=False)
+    else:
+        console.print("[bold]lints[/bold]     none")
+    console.print("[dim]assumptions:[/dim]")
+    for line in plan.assumptions:
+        console.print(f"[dim]  - {e(line)}[/dim]", highlight=False)
+
+
+def _size(n: float) -> str:
+    if n >= GIB / 10:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
 
 EMBEDDED_BASE = ModelSection.model_fields["base"].default  # "models/base"
 PAD_TOKEN = "<|pad|>"
+# Written by the train stage into the adapter folder: the method, quantization and base it trained against.
+ADAPTER_META = "loraflow_train.json"
 
 
 def base_location(cfg: Config, paths: Paths) -> str:
@@ -43,9 +45,41 @@ def base_location(cfg: Config, paths: Paths) -> str:
     return base  # a hub id
 
 
-def uses_4bit(cfg: Config) -> bool:
-    """QLoRA stores the frozen base in 4-bit. ``auto`` is QLoRA unless the planner picks LoRA."""
-    return cfg.method in ("qlora", "auto")
+def resolve_method(cfg: Config, paths: Paths) -> tuple[str, str]:
+    """The method training uses, ``qlora`` or ``lora``, and why.
+
+    ``auto`` asks the planner (the seed's guide: plain LoRA when the 16-bit base fits comfortably).
+    """
+    if cfg.method != "auto":
+        return cfg.method, f"method: {cfg.method} as configured"
+    from loraflow.planner import plan
+
+    p = plan(cfg, paths, with_lints=False)
+    return p.method, p.method_reason
+
+
+def uses_4bit(cfg: Config, paths: Paths | None = None) -> bool:
+    """Whether the frozen base is (was) 4-bit NF4.
+
+    For ``auto``, the method the train stage recorded next to the adapter (pass ``paths``): an
+    evaluation or merge on another machine must load the base the way training did. Without a
+    record, ``auto`` counts as QLoRA.
+    """
+    if cfg.method != "auto":
+        return cfg.method == "qlora"
+    meta = adapter_meta(paths) if paths is not None else None
+    return meta is None or meta.get("method") == "qlora"
+
+
+def adapter_meta(paths: Paths) -> dict | None:
+    """What the train stage recorded with the adapter (``outputs/adapter/loraflow_train.json``), or None."""
+    import json
+
+    f = paths.adapter / ADAPTER_META
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def compute_dtype(cfg: Config) -> "torch.dtype":
@@ -137,6 +171,7 @@ def disable_cpu_repack(model: "torch.nn.Module") -> int:
 
 
 def count_4bit_layers(model: "torch.nn.Module") -> int:
+    """bitsandbytes ``Linear4bit`` layers in ``model`` (0 for a full-precision base)."""
     import bitsandbytes as bnb
 
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

@@ -1,0 +1,235 @@
+"""The train stage: LoRA or QLoRA on the prepared train split, answers only.
+
+    loraflow stage train [-c params.yaml] [-s lora.r=32 ...]
+
+seed → data → tokenizer → model (4-bit NF4 for QLoRA) → LoRA on the resolved targets → SFT trainer
+→ label audit → train (resuming from the last checkpoint of the same setup) → eval on val
+→ adapter (safetensors + adapter_config.json + tokenizer) → reports/train.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraflow.atomic import atomic_dir, atomic_file, write_json
+from loraflow.config import Config
+from loraflow.errors import DataError
+from loraflow.paths import Paths
+from loraflow.tracking import NullTracker, Tracker
+
+
+@dataclass
+class TrainResult:
+    """What the train stage hands on (also the bulk of reports/train.json)."""
+
+    train_loss: float | None  # mean loss over the final logging window
+    steps: int  # optimizer steps in total (a resumed run counts the earlier ones)
+    tokens: int  # non-padding tokens trained on
+    supervised_tokens: int  # of which answer + EOS tokens (the ones in the loss)
+    tokens_per_second: float  # this process's throughput, non-padding tokens
+    trainable_params: int
+    trainable_pct: float
+    adapter_dir: str  # relative to the project root
+    method: str  # qlora | lora (auto resolved)
+    quantized_layers: int = 0  # bitsandbytes Linear4bit layers in the frozen base (0 for lora)
+    eval_loss: float | None = None  # loss on the val split after training (None without a val split)
+    resumed_from: str | None = None
+
+
+def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: list | None = None) -> TrainResult:
+    """Train the adapter, save it to ``paths.adapter`` and write ``reports/train.json``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to plant faults).
+    """
+    import torch
+    from transformers import set_seed
+
+    from loraflow import modeling, training
+    from loraflow.digest import file_md5
+    from loraflow.prepared import load_split
+    from loraflow.targets import resolve_targets
+
+    print("==> train", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    set_seed(cfg.train.seed)
+
+    # data
+    train_rows, val_rows = load_split(paths, "train"), _optional_split(paths, "val")
+    if not train_rows:
+        raise DataError(f"{paths.split('train')}: the train split is empty; check data.path and re-run prepare")
+
+    # tokenizer and model
+    tokenizer = modeling.load_tokenizer(cfg, paths)
+    method, why = modeling.resolve_method(cfg, paths)
+    if cfg.method == "auto":
+        training.say(why)
+    quantized = method == "qlora"
+    cdtype = modeling.compute_dtype(cfg)
+    model = modeling.load_model(cfg, paths, quantized=quantized, dtype=cdtype if not quantized else None)
+    quantized_layers = modeling.count_4bit_layers(model)
+    if quantized and quantized_layers == 0:
+        training.say(f"warning: {type(model).__name__} has no layer bitsandbytes can quantize; training it unquantized")
+    targets = resolve_targets(model, cfg.lora.target_modules)
+    model = training.attach_lora(model, cfg, targets, quantized=quantized)
+    trainable, total = training.trainable_params(model)
+    pct = 100.0 * trainable / max(total, 1)
+    training.say(
+        f"{method} on {cfg.model.base}: r={cfg.lora.r}, alpha={cfg.lora.alpha:g} (scale {cfg.lora.scale:g}), "
+        f"targets {', '.join(targets)}; {trainable:,} trainable params ({pct:.3f}% of {total:,})"
+    )
+    tracker.log_params(_params(cfg, paths, method, targets, trainable, pct))
+
+    # trainer, and what it will train on
+    log = training.TrainLog(paths.train_log, tracker)
+    trainer = training.build_trainer(
+        cfg, paths, model, tokenizer, train_rows, val_rows, compute_dtype=cdtype, callbacks=[log, *(callbacks or [])]
+    )
+    log.counts = trainer.counts
+    audit = training.audit_labels(trainer, tokenizer, train_rows, cfg.data.max_length)
+    with atomic_file(paths.label_audit) as fh:
+        fh.write(audit.text)
+    print(audit.text, file=sys.stderr, end="", flush=True)
+
+    # resume only from a checkpoint of this same setup; anything else starts over
+    fp = training.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
+    resume = training.plan_resume(paths, fp, training.planned_steps(trainer))
+    if resume.note:
+        training.say(resume.note)
+    if resume.checkpoint:
+        training.restore_counts(trainer, resume.checkpoint)
+    log.start(resume.step)
+
+    train_seconds = 0.0
+    if resume.done:
+        training.load_checkpoint(trainer, resume.checkpoint)
+    else:
+        bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.LossBar))
+        try:
+            output = trainer.train(resume_from_checkpoint=resume.checkpoint)
+        finally:
+            bar.close()
+        train_seconds = float(output.metrics.get("train_runtime") or 0.0)
+    steps = trainer.state.global_step
+    tokens_per_second = trainer.counts.session_total / train_seconds if train_seconds > 0 else 0.0
+
+    eval_loss = None
+    if val_rows:
+        # Safe on the 4-bit model: load_model turned the CPU repack off (TRAPS 1).
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        training.say(f"eval_loss {eval_loss:.4f} on {len(val_rows)} val examples")
+        # "val_loss", not "eval_loss": that name is the evaluate stage's test-split metric in the same run.
+        tracker.log_metrics({"val_loss": eval_loss}, step=steps)
+
+    # the adapter: written whole or not at all, and only after training succeeded
+    with atomic_dir(paths.adapter) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / modeling.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
+    last = training.keep_last_checkpoint(paths)
+
+    result = TrainResult(
+        train_loss=_final_loss(trainer.state.log_history),
+        steps=steps,
+        tokens=trainer.counts.total,
+        supervised_tokens=trainer.counts.supervised,
+        tokens_per_second=round(tokens_per_second, 1),
+        trainable_params=int(trainable),
+        trainable_pct=round(pct, 4),
+        adapter_dir=_rel(paths, paths.adapter),
+        method=method,
+        quantized_layers=quantized_layers,
+        eval_loss=eval_loss,
+        resumed_from=_rel(paths, resume.checkpoint) if resume.checkpoint else None,
+    )
+    report = asdict(result) | {
+        "tokens": {"total": result.tokens, "supervised": result.supervised_tokens},
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_target_modules": targets,
+        "mlflow_run_id": tracker.run_id,
+        "last_checkpoint": _rel(paths, last) if last else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    report.pop("supervised_tokens")
+    write_json(paths.report("train"), report)
+    training.say(
+        f"{steps} steps, final loss {result.train_loss if result.train_loss is not None else float('nan'):.4f}, "
+        f"{result.tokens_per_second:,.0f} tokens/s; adapter in {result.adapter_dir}"
+    )
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _optional_split(paths: Paths, name: str) -> list[dict]:
+    from loraflow.prepared import load_split
+
+    return load_split(paths, name) if paths.split(name).exists() else []
+
+
+def _params(cfg: Config, paths: Paths, method: str, targets: list[str], trainable: int, pct: float) -> dict[str, Any]:
+    """The contract's MLflow run params."""
+    from loraflow.modeling import compute_dtype
+
+    params: dict[str, Any] = {
+        "base_model": cfg.model.base,
+        "method": method,
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_scale": cfg.lora.scale,
+        "lora_dropout": cfg.lora.dropout,
+        "lora_target_modules": ",".join(targets),
+        "quant_type": cfg.quantization.quant_type if method == "qlora" else "none",
+        "double_quant": cfg.quantization.double_quant if method == "qlora" else False,
+        "compute_dtype": str(compute_dtype(cfg)).removeprefix("torch."),
+        "trainable_params": trainable,
+        "trainable_pct": round(pct, 4),
+        "max_length": cfg.data.max_length,
+        "learning_rate": cfg.train.learning_rate,
+    }
+    prepare_report = paths.report("prepare")
+    if prepare_report.exists():
+        try:
+            digest = json.loads(prepare_report.read_text(encoding="utf-8")).get("dataset_digest")
+        except (OSError, ValueError):
+            digest = None
+        if digest:
+            params["dataset_digest"] = digest
+    return params
+
+
+def _adapter_meta(cfg: Config, method: str, targets: list[str], cdtype) -> dict[str, Any]:
+    """How this adapter was trained: evaluate and merge (maybe on another machine) load the base the same way."""
+    return {
+        "method": method,
+        "base_model": cfg.model.base,
+        "revision": cfg.model.revision,
+        "quantization": cfg.quantization.model_dump() if method == "qlora" else None,
+        "compute_dtype": str(cdtype).removeprefix("torch."),
+        "target_modules": list(targets),
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "max_length": cfg.data.max_length,
+    }
+
+
+def _final_loss(history: list[dict]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return float(losses[-1]) if losses else None
+
+
+def _rel(paths: Paths, p) -> str:
+    p = Path(p)
+    try:
+        return p.resolve().relative_to(paths.root).as_posix()
+    except ValueError:
+        return str(p)
+

@@ -1,0 +1,282 @@
+"""The train stage on tiny models: QLoRA and LoRA learn, TRAPS 1 stays fixed, NaN stops, resume continues."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import tasks.train
+from loraflow.config import Config
+from loraflow.errors import TrainingError
+from loraflow.paths import Paths
+
+QA = [
+    ("What is the opposite of hot?", "cold"),
+    ("What day comes after Monday?", "Tuesday"),
+    ("Is 37 even or odd?", "odd"),
+    ("What is the capital of France?", "Paris"),
+    ("What color is the sky?", "blue"),
+    ("How many legs does a dog have?", "four"),
+]
+
+CONTRACT_PARAMS = {
+    "base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
+    "quant_type", "double_quant", "compute_dtype", "trainable_params", "trainable_pct", "dataset_digest",
+    "max_length", "learning_rate",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and on shared cores extra OpenMP threads spin (10x slower here)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def project(root, n_train=24, n_val=6) -> Paths:
+    """A project root with prepared splits of a small, repetitive alpaca-style dataset."""
+    paths = Paths.at(root)
+    paths.prepared.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("val", n_val), ("test", 0)):
+        rows = [
+            {"id": f"{name}{i}", "prompt": f"### Instruction:\n{QA[i % 6][0]}\n\n### Response:\n",
+             "completion": QA[i % 6][1]}
+            for i in range(n)
+        ]
+        paths.split(name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def config(base, method="qlora", **train) -> Config:
+    return Config.model_validate({
+        "model": {"base": str(base)},
+        "method": method,
+        "data": {"max_length": 64},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"max_steps": 40, "learning_rate": 1e-2, "batch_size": 8, "warmup_ratio": 0.0,
+                  "lr_scheduler": "constant", "logging_steps": 5, "save_steps": 20} | train,
+    })
+
+
+def read_log(paths: Paths) -> list[dict]:
+    with open(paths.train_log, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class Recorder:
+    run_id = "run-123"
+
+    def __init__(self):
+        self.params, self.metrics = {}, []
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+
+@pytest.mark.slow
+def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
+    paths = project(tmp_path)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.report("prepare").write_text(json.dumps({"dataset_digest": "abc123"}))
+    tracker = Recorder()
+    result = tasks.train.run(config(tiny_llama), paths, tracker)
+
+    log = read_log(paths)
+    first, final = float(log[0]["loss"]), result.train_loss
+    assert log[0]["step"] == "1" and result.steps == 40
+    assert final < first - 0.6, (first, final)  # 6.09 -> ~5.0: a random frozen head caps how low it goes
+    assert result.eval_loss is not None and result.eval_loss < first - 0.6
+    assert result.method == "qlora" and result.quantized_layers == 14  # 7 linears x 2 layers
+    assert [r["step"] for r in log if r["loss"]] == ["1", "5", "10", "15", "20", "25", "30", "35", "40"]
+    assert log[-1]["eval_loss"] and float(log[-1]["eval_loss"]) == pytest.approx(result.eval_loss)
+    assert all(float(r["tokens_per_second"]) > 0 for r in log if r["loss"])
+
+    # the adapter: safetensors + config + tokenizer, and it loads onto the 4-bit base
+    adapter = paths.adapter
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"} <= {p.name for p in adapter.iterdir()}
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert acfg["r"] == 8 and acfg["lora_alpha"] == 16 and sorted(acfg["target_modules"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert not list(paths.outputs.glob(".adapter.tmp-*"))
+
+    report = json.loads(paths.report("train").read_text())
+    assert report["train_loss"] == pytest.approx(final) and report["steps"] == 40
+    assert report["tokens"]["total"] > report["tokens"]["supervised"] > 0
+    assert report["trainable_params"] == result.trainable_params > 0 and 0 < report["trainable_pct"] < 100
+    assert report["adapter_dir"] == "outputs/adapter" and report["mlflow_run_id"] == "run-123"
+    assert report["method"] == "qlora" and report["lora_r"] == 8 and report["lora_alpha"] == 16
+    assert report["eval_loss"] == pytest.approx(result.eval_loss) and report["tokens_per_second"] > 0
+
+    # the tracker: the contract's params once, per-step metrics at every log
+    assert CONTRACT_PARAMS <= set(tracker.params)
+    assert tracker.params["dataset_digest"] == "abc123" and tracker.params["lora_scale"] == 2.0
+    assert tracker.params["quant_type"] == "nf4" and tracker.params["compute_dtype"] == "float32"
+    steps = [s for s, m in tracker.metrics if "train_loss" in m]
+    assert steps == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert all({"train_loss", "learning_rate", "train_tokens_per_second"} <= m.keys()
+               for s, m in tracker.metrics if "train_loss" in m)
+
+    # the audit: the first example, its answer + EOS marked
+    audit = paths.label_audit.read_text()
+    assert "[[cold<|endoftext|>]]" in audit and "### Response:\n[[" in audit
+
+
+@pytest.mark.slow
+def test_lora_full_precision_learns_without_4bit_layers(tiny_llama, tmp_path):
+    paths = project(tmp_path, n_val=0)
+    result = tasks.train.run(config(tiny_llama, "lora", max_steps=30), paths)
+    log = read_log(paths)
+    assert result.method == "lora" and result.quantized_layers == 0
+    assert result.train_loss < float(log[0]["loss"]) - 0.6
+    assert result.eval_loss is None  # no val split: no eval
+    assert not any(r["eval_loss"] for r in log)
+
+
+def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dict[str, torch.Tensor]:
+    """LoRA gradients of one batch on a freshly loaded 4-bit model, as the train stage builds it."""
+    from transformers import set_seed
+
+    from loraflow import modeling, training
+    from loraflow.targets import resolve_targets
+
+    set_seed(0)
+    model = modeling.load_model(cfg, paths, quantized=True)
+    model = training.attach_lora(model, cfg, resolve_targets(model, "all-linear"), quantized=True)
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave every A gradient zero
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    if eval_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        import bitsandbytes as bnb
+
+        for m in model.modules():  # the repack (TRAPS 1) never happened
+            if isinstance(m, bnb.nn.Linear4bit):
+                assert m.support_avx512bf16_for_cpu is False
+                assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    model.train()
+    model(**batch).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+@pytest.mark.slow
+def test_eval_forward_before_training_leaves_4bit_gradients_intact(tiny_llama, tmp_path):
+    """TRAPS 1: an eval-mode no-grad forward on the 4-bit model must not change what backward computes."""
+    from loraflow import modeling
+
+    cfg = config(tiny_llama)
+    paths = Paths.at(tmp_path)
+    tok = modeling.load_tokenizer(cfg, paths)
+    enc = tok(["### Instruction:\nWhat is hot?\n\n### Response:\ncold", "Is 37 odd?\nodd"], padding=True,
+              return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+    fresh = _lora_grads(cfg, paths, batch, eval_first=False)
+    after_eval = _lora_grads(cfg, paths, batch, eval_first=True)
+    assert fresh.keys() == after_eval.keys() and len(fresh) == 2 * 14  # A and B on every 4-bit linear
+    for name, grad in fresh.items():
+        assert grad.norm() > 0, name
+        assert torch.allclose(grad, after_eval[name], rtol=1e-5, atol=1e-8), name
+
+    lora_base = modeling.load_model(cfg, paths, quantized=False)
+    assert modeling.count_4bit_layers(lora_base) == 0
+
+
+class PlantNaN(TrainerCallback):
+    """Sets one LoRA weight to NaN after ``step``: the next step's loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_training_and_writes_no_adapter(tiny_llama, tmp_path):
+    paths = project(tmp_path)
+    with pytest.raises(TrainingError, match=r"train: loss is nan at step 4; lower train.learning_rate"):
+        tasks.train.run(config(tiny_llama, max_steps=10, save_steps=3), paths, callbacks=[PlantNaN(3)])
+    assert not paths.adapter.exists() and not paths.report("train").exists()
+    # the checkpoint at step 3 was taken before the NaN; nothing non-finite was checkpointed
+    assert sorted(p.name for p in paths.checkpoints.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+class Crash(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt  # a kill mid-training
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
+    paths = project(tmp_path, n_val=0)
+    cfg = config(tiny_llama, max_steps=8, save_steps=3, logging_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.train.run(cfg, paths, callbacks=[Crash(5)])
+    assert not paths.adapter.exists()
+
+    # same setup: continues from step 3, not from 0
+    result = tasks.train.run(cfg, paths)
+    assert result.resumed_from == "outputs/checkpoints/checkpoint-3" and result.steps == 8
+    assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
+    assert paths.adapter.exists()
+    assert [p.name for p in paths.checkpoints.glob("checkpoint-*")] == ["checkpoint-8"]  # only the last is kept
+    tokens_after_8, loss_after_8 = result.tokens, result.train_loss
+
+    # the same setup again (dvc repro --force): the last checkpoint is the planned end, nothing is trained
+    result = tasks.train.run(cfg, paths)
+    assert result.steps == 8 and result.train_loss == loss_after_8 and result.tokens == tokens_after_8
+    assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
+
+    # more steps: the global step continues from the end of the last run
+    result = tasks.train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})}), paths)
+    assert result.resumed_from == "outputs/checkpoints/checkpoint-8" and result.steps == 10
+    assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 11))
+    assert result.tokens > tokens_after_8
+
+    # another setup (a different rank): the old checkpoints are not resumed
+    other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 4})})
+    result = tasks.train.run(other, paths)
+    assert result.resumed_from is None and result.steps == 8
+
+
+@pytest.mark.slow
+def test_auto_method_is_resolved_and_recorded_with_the_adapter(tiny_llama, tmp_path):
+    from loraflow import modeling
+
+    paths = project(tmp_path, n_val=0)
+    cfg = config(tiny_llama, "auto", max_steps=2)
+    result = tasks.train.run(cfg, paths)
+    want, _ = modeling.resolve_method(cfg, paths)
+    assert result.method == want and want in ("lora", "qlora")
+    assert (result.quantized_layers > 0) == (want == "qlora")
+    meta = modeling.adapter_meta(paths)
+    assert meta["method"] == want and meta["target_modules"] == sorted(meta["target_modules"])
+    # evaluate and merge load the base the way training did
+    assert modeling.uses_4bit(cfg, paths) == (want == "qlora")

@@ -82,11 +82,12 @@ def completion_loss(
                     labels[j, : len(lab)] = torch.tensor(lab)
                     attention[j, : len(ids)] = 1
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-                # token t predicts token t+1
-                shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-                shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-                total += F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-                n_tokens += int((shift_labels != IGNORE_INDEX).sum())
+                # token t predicts token t+1; upcast only the scored rows (B*T*V floats can be GBs)
+                targets = labels[:, 1:].to(logits.device)
+                scored = targets != IGNORE_INDEX
+                picked = logits[:, :-1][scored].float()
+                total += F.cross_entropy(picked, targets[scored], reduction="sum").item()
+                n_tokens += int(scored.sum())
     finally:
         model.train(was_training)
     return (total / n_tokens if n_tokens else math.nan), n_tokens

@@ -214,6 +214,19 @@ def _trainer_class():
                 )
             return loss
 
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                # non-padding tokens per second since the previous log, kept in log_history (and checkpoints)
+                now, seen = time.perf_counter(), self.counts.session_total
+                then, before = self._tps_mark
+                logs["tokens_per_second"] = round((seen - before) / max(now - then, 1e-9), 1)
+                self._tps_mark = (now, seen)
+            super().log(logs, start_time)
+
+        def train(self, *args, **kwargs):
+            self._tps_mark = (time.perf_counter(), self.counts.session_total)
+            return super().train(*args, **kwargs)
+
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -325,9 +338,10 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
     ds = trainer.train_dataset
     eos = tokenizer.eos_token_id
     by_id = {str(r["id"]): r for r in rows}
-    kept = ds["id"]
+    kept = list(ds["id"])
     # TRL drops examples that truncation left without a supervised token; for us that is a data fault.
-    missing = [i for i in by_id if i not in set(kept)]
+    kept_set = set(kept)
+    missing = [i for i in by_id if i not in kept_set]
     if missing:
         raise TrainingError(
             f"train: {len(missing)} of {len(rows)} training examples have no answer token within "
@@ -335,7 +349,8 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
         )
     prompts = tokenizer([by_id[i]["prompt"] for i in kept])["input_ids"]
     supervised = total = truncated = 0
-    for i, ids, labels, prompt_ids in zip(kept, ds["input_ids"], ds["labels"], prompts):
+    all_ids, all_labels = list(ds["input_ids"]), list(ds["labels"])
+    for i, ids, labels, prompt_ids in zip(kept, all_ids, all_labels, prompts):
         sup = [k for k, lab in enumerate(labels) if lab != IGNORE]
         if not sup:
             raise TrainingError(f"train: example {i} has no supervised token; check its completion")
@@ -358,7 +373,7 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
         total += len(ids)
 
     k = min(sample, len(kept) - 1)
-    i, ids, labels = kept[k], ds[k]["input_ids"], ds[k]["labels"]
+    i, ids, labels = kept[k], all_ids[k], all_labels[k]
     n_sup = sum(lab != IGNORE for lab in labels)
     text = (
         f"label audit: example {i} (1 of {len(kept)}), {len(ids)} tokens, {n_sup} supervised "
@@ -410,7 +425,9 @@ class LossBar(_callback_base()):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+            self.bar.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=sys.stderr.isatty()
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -428,26 +445,15 @@ class TrainLog(_callback_base()):
     weights that are no longer finite.
     """
 
-    def __init__(self, path: Path, tracker: Tracker | None = None, counts: TokenCounts | None = None) -> None:
+    def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
         self.path = Path(path)
         self.tracker = tracker or NullTracker()
-        self.counts = counts or TokenCounts()
         self.rows: list[dict[str, Any]] = []
-        self._mark = (time.perf_counter(), 0)
 
-    def start(self, resumed_step: int) -> None:
-        """Keep the rows a resumed run already has (up to ``resumed_step``); a fresh run starts empty."""
-        self.rows = []
-        if resumed_step > 0 and self.path.exists():
-            with open(self.path, newline="", encoding="utf-8") as fh:
-                # training rows up to the checkpoint; an earlier run's end-of-training val loss is not history
-                self.rows = [
-                    r for r in csv.DictReader(fh) if r.get("loss") and r.get("step") and int(r["step"]) <= resumed_step
-                ]
+    def start(self, history: list[dict] = ()) -> None:
+        """Rows of a resumed run's earlier steps (its checkpoint's log history); a fresh run starts empty."""
+        self.rows = [_row(h["step"], h) for h in history if "loss" in h]
         self._write()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._mark = (time.perf_counter(), self.counts.session_total)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step >= state.max_steps:
@@ -470,17 +476,15 @@ class TrainLog(_callback_base()):
                 raise TrainingError(
                     f"train: loss is {loss} at step {step}; lower train.learning_rate (now {args.learning_rate:g})"
                 )
-            now, seen = time.perf_counter(), self.counts.session_total
-            tps = (seen - self._mark[1]) / max(now - self._mark[0], 1e-9)
-            self._mark = (now, seen)
-            lr = float(logs.get("learning_rate", 0.0))
-            self.rows.append({"step": step, "loss": loss, "lr": lr, "tokens_per_second": round(tps, 1), "eval_loss": ""})
+            row = _row(step, logs)
+            self.rows.append(row)
             self.tracker.log_metrics(
-                {"train_loss": loss, "learning_rate": lr, "train_tokens_per_second": tps}, step=step
+                {"train_loss": loss, "learning_rate": row["lr"], "train_tokens_per_second": row["tokens_per_second"]},
+                step=step,
             )
             self._write()
         elif "eval_loss" in logs:
-            self.rows.append({"step": step, "loss": "", "lr": "", "tokens_per_second": "", "eval_loss": float(logs["eval_loss"])})
+            self.rows.append({"step": step, "eval_loss": float(logs["eval_loss"])})
             self._write()
 
     def _write(self) -> None:
@@ -491,6 +495,32 @@ class TrainLog(_callback_base()):
             writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
         with atomic_file(self.path) as fh:
             fh.write(buf.getvalue())
+
+
+def final_loss(history: list[dict], window: int) -> float | None:
+    """Mean training loss over (at least) the last ``window`` steps, from the logged windows.
+
+    The last log may cover a single step (the end of an epoch's last, short batch): weighting each
+    logged mean by the steps it covers keeps "final loss" as steady as one logging window.
+    """
+    logged = sorted((int(h["step"]), float(h["loss"])) for h in history if "loss" in h)
+    total = steps = 0.0
+    for k in range(len(logged) - 1, -1, -1):
+        step, loss = logged[k]
+        span = step - (logged[k - 1][0] if k > 0 else 0)
+        total, steps = total + loss * span, steps + span
+        if steps >= window:
+            break
+    return total / steps if steps else None
+
+
+def _row(step: int, logs: dict) -> dict[str, Any]:
+    return {
+        "step": int(step),
+        "loss": float(logs["loss"]),
+        "lr": float(logs.get("learning_rate", 0.0)),
+        "tokens_per_second": float(logs.get("tokens_per_second", 0.0)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,15 +605,21 @@ def planned_steps(trainer) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
+def checkpoint_state(checkpoint: str | Path):
+    """The ``TrainerState`` saved in ``checkpoint`` (step, log history)."""
+    from transformers import TrainerState
+
+    return TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
 def load_checkpoint(trainer, checkpoint: str | Path) -> None:
     """Adapter weights and trainer state (log history, step) of ``checkpoint``, without training."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import TrainerState
 
     checkpoint = Path(checkpoint)
     set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    trainer.state = checkpoint_state(checkpoint)
 
 
 def _rel_to(root: Path, p: str | Path) -> str:

@@ -27,7 +27,7 @@ from loraflow.tracking import NullTracker, Tracker
 class TrainResult:
     """What the train stage hands on (also the bulk of reports/train.json)."""
 
-    train_loss: float | None  # mean loss over the final logging window
+    train_loss: float | None  # mean loss over the last train.logging_steps steps
     steps: int  # optimizer steps in total (a resumed run counts the earlier ones)
     tokens: int  # non-padding tokens trained on
     supervised_tokens: int  # of which answer + EOS tokens (the ones in the loss)
@@ -89,7 +89,6 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     trainer = training.build_trainer(
         cfg, paths, model, tokenizer, train_rows, val_rows, compute_dtype=cdtype, callbacks=[log, *(callbacks or [])]
     )
-    log.counts = trainer.counts
     audit = training.audit_labels(trainer, tokenizer, train_rows, cfg.data.max_length)
     with atomic_file(paths.label_audit) as fh:
         fh.write(audit.text)
@@ -102,7 +101,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         training.say(resume.note)
     if resume.checkpoint:
         training.restore_counts(trainer, resume.checkpoint)
-    log.start(resume.step)
+    log.start(training.checkpoint_state(resume.checkpoint).log_history if resume.checkpoint else [])
 
     train_seconds = 0.0
     if resume.done:
@@ -133,7 +132,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     last = training.keep_last_checkpoint(paths)
 
     result = TrainResult(
-        train_loss=_final_loss(trainer.state.log_history),
+        train_loss=training.final_loss(trainer.state.log_history, cfg.train.logging_steps),
         steps=steps,
         tokens=trainer.counts.total,
         supervised_tokens=trainer.counts.supervised,
@@ -219,11 +218,6 @@ def _adapter_meta(cfg: Config, method: str, targets: list[str], cdtype) -> dict[
         "lora_alpha": cfg.lora.alpha,
         "max_length": cfg.data.max_length,
     }
-
-
-def _final_loss(history: list[dict]) -> float | None:
-    losses = [h["loss"] for h in history if "loss" in h]
-    return float(losses[-1]) if losses else None
 
 
 def _rel(paths: Paths, p) -> str:

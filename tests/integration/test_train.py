@@ -241,7 +241,9 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
         tasks.train.run(cfg, paths, callbacks=[Crash(5)])
     assert not paths.adapter.exists()
 
-    # same setup: continues from step 3, not from 0
+    # same setup: continues from step 3, not from 0; the log's earlier rows come from the checkpoint
+    # (dvc repro deletes a stage's outputs, train_log.csv too, before it runs the stage again)
+    paths.train_log.unlink()
     result = tasks.train.run(cfg, paths)
     assert result.resumed_from == "outputs/checkpoints/checkpoint-3" and result.steps == 8
     assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
@@ -250,9 +252,15 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
     tokens_after_8, loss_after_8 = result.tokens, result.train_loss
 
     # the same setup again (dvc repro --force): the last checkpoint is the planned end, nothing is trained
+    from safetensors.torch import load_file
+
+    weights = load_file(paths.adapter / "adapter_model.safetensors")
+    paths.train_log.unlink()
     result = tasks.train.run(cfg, paths)
     assert result.steps == 8 and result.train_loss == loss_after_8 and result.tokens == tokens_after_8
     assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
+    again = load_file(paths.adapter / "adapter_model.safetensors")
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
     # more steps: the global step continues from the end of the last run
     result = tasks.train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})}), paths)
@@ -280,3 +288,14 @@ def test_auto_method_is_resolved_and_recorded_with_the_adapter(tiny_llama, tmp_p
     assert meta["method"] == want and meta["target_modules"] == sorted(meta["target_modules"])
     # evaluate and merge load the base the way training did
     assert modeling.uses_4bit(cfg, paths) == (want == "qlora")
+
+
+def test_final_loss_covers_a_whole_logging_window():
+    from loraflow.training import final_loss
+
+    history = [{"step": 1, "loss": 9.0}, {"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.0}, {"step": 11, "loss": 6.0},
+               {"step": 11, "eval_loss": 1.0}]
+    # the last log covers one short step; it counts for 1 of the last 6 steps, not as "the" final loss
+    assert final_loss(history, 5) == pytest.approx((3.0 * 5 + 6.0 * 1) / 6)
+    assert final_loss(history[:3], 5) == 3.0
+    assert final_loss([], 5) is None

@@ -134,16 +134,6 @@ def targets_conv1d(model: "torch.nn.Module", targets: list[str]) -> bool:
     )
 
 
-def describe(model: "torch.nn.Module") -> str:
-    """One line per distinct linear layer name: group, roles and type (for `loraflow plan` and errors)."""
-    seen: dict[str, LinearModule] = {}
-    for m in linear_modules(model):
-        seen.setdefault(_generic(m.name), m)
-    return "\n".join(
-        f"{name:48s} {m.group:9s} {''.join(sorted(m.roles)) or '-':4s} {m.kind}" for name, m in seen.items()
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -171,7 +161,7 @@ def _roles(leaf: str) -> frozenset[str]:
             roles.update(bare)
         elif p in ("attn", "in"):  # GPT-2 c_attn, torch MultiheadAttention in_proj: fused q, k, v
             roles.update("qkv")
-    if not roles and any(p in _OUTPUT_WORDS or p == "wo" for p in parts):
+    if not roles and any(p in _OUTPUT_WORDS for p in parts):
         roles.add("o")
     return frozenset(roles)
 

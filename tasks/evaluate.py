@@ -92,7 +92,7 @@ def load_adapter_tokenizer(cfg: Config, paths: Paths):
 
 def load_tuned(cfg: Config, paths: Paths):
     """The base as train loaded it (4-bit with the repack disabled, or the compute dtype) + the adapter."""
-    quantized = modeling.uses_4bit(cfg)
+    quantized = modeling.uses_4bit(cfg, paths)
     base = modeling.load_model(cfg, paths, quantized=quantized, dtype=None if quantized else modeling.compute_dtype(cfg))
     return attach_adapter(to_accelerator(base), paths)
 

@@ -64,7 +64,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
         raise DataError(f"{paths.split('test')}: the test split is empty; the merged model must be measured on one")
     tokenizer = load_adapter_tokenizer(cfg, paths)
     probe = _probe_batch(tokenizer, rows[:PROBE_ROWS], cfg.data.max_length)
-    qlora = modeling.uses_4bit(cfg)
+    qlora = modeling.uses_4bit(cfg, paths)
     merge_base = cfg.merge.base if qlora else "original"
 
     base = modeling.load_model(cfg, paths, quantized=False)

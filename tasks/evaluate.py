@@ -15,10 +15,10 @@ import math
 import sys
 from dataclasses import dataclass
 
-from loraflow import modeling
+from loraflow.adapters import load_adapter_tokenizer, load_tuned, require_adapter
 from loraflow.atomic import write_json, write_jsonl
 from loraflow.config import Config
-from loraflow.errors import DataError, ModelError
+from loraflow.errors import DataError
 from loraflow.generation import completion_loss, greedy_generate
 from loraflow.paths import Paths
 from loraflow.prepared import load_split
@@ -71,53 +71,6 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Evaluate
     for name in cfg.eval.metrics:
         print(f"    {name:12s} base {_fmt(base.get(name))}  tuned {_fmt(tuned.get(name))}", file=sys.stderr)
     return EvaluateResult(base, tuned, len(samples), loss_tokens, str(paths.report("evaluate")), str(paths.samples))
-
-
-def require_adapter(paths: Paths) -> None:
-    """A clear error when training has not produced an adapter yet."""
-    if not (paths.adapter / "adapter_config.json").exists():
-        raise ModelError(f"{paths.adapter}: no trained adapter (adapter_config.json); run `loraflow stage train` first")
-
-
-def load_adapter_tokenizer(cfg: Config, paths: Paths):
-    """The tokenizer saved with the adapter (what training used), else the base model's."""
-    from transformers import AutoTokenizer
-
-    if (paths.adapter / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(paths.adapter)
-        modeling.ensure_pad_token(tokenizer)
-        return tokenizer
-    return modeling.load_tokenizer(cfg, paths)
-
-
-def load_tuned(cfg: Config, paths: Paths):
-    """The base as train loaded it (4-bit with the repack disabled, or the compute dtype) + the adapter."""
-    quantized = modeling.uses_4bit(cfg, paths)
-    base = modeling.load_model(cfg, paths, quantized=quantized, dtype=None if quantized else modeling.compute_dtype(cfg))
-    return attach_adapter(to_accelerator(base), paths)
-
-
-def to_accelerator(model):
-    """A full-precision model onto the GPU when there is one (load_model places 4-bit models itself)."""
-    import torch
-
-    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
-        model = model.to("cuda")
-    return model
-
-
-def attach_adapter(base, paths: Paths):
-    """``paths.adapter`` on ``base``, inference only (eval mode: no LoRA dropout, nothing trainable)."""
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(
-            f"{paths.adapter}: cannot attach the adapter ({str(e).strip().splitlines()[0]}); "
-            "was it trained on this base (model.base)? re-run `loraflow stage train`"
-        ) from None
-    return model.eval()
 
 
 def _measure(cfg: Config, model, tokenizer, rows, samples, wanted, who: str):

@@ -33,7 +33,7 @@ from loraflow.generation import completion_loss, encode_example
 from loraflow.paths import Paths
 from loraflow.prepared import load_split
 from loraflow.tracking import NullTracker, Tracker
-from tasks.evaluate import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
+from loraflow.adapters import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
 
 if TYPE_CHECKING:
     import torch

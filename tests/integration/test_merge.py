@@ -29,7 +29,7 @@ def _probe_logits(model, tok) -> torch.Tensor:
 
 def _trained_logits(cfg, paths) -> torch.Tensor:
     """What training and evaluate computed: the base as trained + the adapter."""
-    from tasks.evaluate import load_adapter_tokenizer, load_tuned
+    from loraflow.adapters import load_adapter_tokenizer, load_tuned
 
     return _probe_logits(load_tuned(cfg, paths), load_adapter_tokenizer(cfg, paths))
 
@@ -52,7 +52,7 @@ def _run_merge(cfg, paths):
 def qlora(tmp_path_factory, tiny_models):
     """A QLoRA project with a planted adapter and an evaluate report holding the tuned loss."""
     from loraflow.generation import completion_loss
-    from tasks.evaluate import load_adapter_tokenizer, load_tuned
+    from loraflow.adapters import load_adapter_tokenizer, load_tuned
 
     cfg, paths = make_project(tmp_path_factory.mktemp("qlora"), tiny_models["llama"])
     plant_adapter(cfg, paths)
@@ -141,7 +141,7 @@ def test_eval_forward_on_4bit_model_before_merge_is_harmless(qlora):
     import bitsandbytes as bnb
 
     from loraflow.generation import greedy_generate
-    from tasks.evaluate import attach_adapter, load_adapter_tokenizer
+    from loraflow.adapters import attach_adapter, load_adapter_tokenizer
     from tasks.merge import dequantize_into, lora_modules
 
     cfg, paths, trained = qlora

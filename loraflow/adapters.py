@@ -1,0 +1,55 @@
+"""The trained adapter: find it, load it on the base the way training did (evaluate and merge share this)."""
+
+from __future__ import annotations
+
+from loraflow.config import Config
+from loraflow.errors import ModelError
+from loraflow.modeling import compute_dtype, ensure_pad_token, load_model, load_tokenizer, uses_4bit
+from loraflow.paths import Paths
+
+
+def require_adapter(paths: Paths) -> None:
+    """A clear error when training has not produced an adapter yet."""
+    if not (paths.adapter / "adapter_config.json").exists():
+        raise ModelError(f"{paths.adapter}: no trained adapter (adapter_config.json); run `loraflow stage train` first")
+
+
+def load_adapter_tokenizer(cfg: Config, paths: Paths):
+    """The tokenizer saved with the adapter (what training used), else the base model's."""
+    from transformers import AutoTokenizer
+
+    if (paths.adapter / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(paths.adapter)
+        ensure_pad_token(tokenizer)
+        return tokenizer
+    return load_tokenizer(cfg, paths)
+
+
+def load_tuned(cfg: Config, paths: Paths):
+    """The base as train loaded it (4-bit with the repack disabled, or the compute dtype) + the adapter."""
+    quantized = uses_4bit(cfg, paths)
+    base = load_model(cfg, paths, quantized=quantized, dtype=None if quantized else compute_dtype(cfg))
+    return attach_adapter(to_accelerator(base), paths)
+
+
+def to_accelerator(model):
+    """A full-precision model onto the GPU when there is one (load_model places 4-bit models itself)."""
+    import torch
+
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model = model.to("cuda")
+    return model
+
+
+def attach_adapter(base, paths: Paths):
+    """``paths.adapter`` on ``base``, inference only (eval mode: no LoRA dropout, nothing trainable)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(
+            f"{paths.adapter}: cannot attach the adapter ({str(e).strip().splitlines()[0]}); "
+            "was it trained on this base (model.base)? re-run `loraflow stage train`"
+        ) from None
+    return model.eval()

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--rollback", action="store_true", help="move champion back to its previous version")
     promote.set_defaults(func=cmd_promote)
 
+    models = sub.add_parser("models", help="list a registered model's versions with aliases and lineage")
+    models.add_argument("name")
+    models.set_defaults(func=cmd_models)
+
     base = sub.add_parser("build-base", help="build the embedded base model (done on first use anyway)")
     base.add_argument("--out", default="models/base")
     base.add_argument("--steps", type=int, default=None)
@@ -112,8 +116,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from loraflow.lineage import read_report
 
     if args.name == "base":
-        from loraflow.modeling import base_location
+        from loraflow.modeling import EMBEDDED_BASE, base_location
 
+        if cfg.model.base != EMBEDDED_BASE:  # dvc.yaml's base stage still owns models/base
+            from loraflow.dvcmeta import write_base_reference
+
+            print(f"model.base is {cfg.model.base}; wrote {write_base_reference(cfg, paths)} instead of building")
+            return 0
         print(base_location(cfg, paths))
         return 0
     if args.name == "prepare":
@@ -173,6 +182,32 @@ def cmd_promote(args: argparse.Namespace) -> int:
         raise LoraflowError(f"promote: {args.name} has no version {args.version}") from None
     old = registry.move_alias(cl, args.name, str(args.version), args.alias)
     print(f"{args.name}@{args.alias}: v{old or '-'} -> v{args.version}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loraflow import registry, tracking
+    from loraflow.paths import Paths
+
+    cl = tracking.client(Paths.at(Path.cwd()))
+    versions = sorted(cl.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version))
+    if not versions:
+        raise LoraflowError(f"models: no registered model named {args.name!r} in {tracking.tracking_uri(Paths.at(Path.cwd()))}")
+    aliases = {a: registry.alias_version(cl, args.name, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
+    table = Table(title=f"{args.name} versions")
+    for col in ("version", "aliases", "gate metric", "rank", "alpha", "method", "dataset digest", "run"):
+        table.add_column(col)
+    for v in versions:
+        t = v.tags or {}
+        tags = ",".join(a for a, ver in aliases.items() if ver == str(v.version))
+        metric = t.get("gate_metric", "")
+        table.add_row(str(v.version), tags, f"{metric}={t.get('gate_new_value', '')}" if metric else "",
+                      t.get("lora_r", ""), t.get("lora_alpha", ""), t.get("method", ""),
+                      t.get("dataset_digest", "")[:12], (v.run_id or "")[:8])
+    Console().print(table)
     return 0
 
 

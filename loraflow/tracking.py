@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,20 @@ def artifact_root(paths: Paths) -> str:
     return (paths.mlflow_dir / "artifacts").as_uri()
 
 
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|_key$|^key$|credential)", re.I)
+URI_PASSWORD = re.compile(r"(://[^/\s:@]+):[^@/\s]+@")
+
+
+def redact(key: str, value: Any) -> Any:
+    """Secrets never reach params, tags or artifacts: keys that look secret lose their value,
+    and passwords inside URIs (``postgresql://user:pw@host``) are masked."""
+    if SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return URI_PASSWORD.sub(r"\1:***@", value)
+    return value
+
+
 class MlflowTracker:
     """Logs to one MLflow run, addressed by id through a client (no global active run)."""
 
@@ -64,7 +79,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
+        fresh = [Param(k, _param_str(redact(k, v))) for k, v in params.items() if k not in existing]
         for i in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[i : i + 100])
 
@@ -85,7 +100,7 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(redact(k, v))) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

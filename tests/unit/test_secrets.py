@@ -1,0 +1,23 @@
+"""Secrets never reach MLflow params or tags (a real sqlite store, searched afterwards)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from loraflow import tracking
+from loraflow.paths import Paths
+
+
+def test_planted_secrets_are_redacted_in_the_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = Paths.at(tmp_path)
+    t = tracking.start_run(paths, "secrets", "probe")
+    t.log_params({"HF_TOKEN": "hf_plantedsecret1", "db_uri": "postgresql://me:plantedpw2@db/x", "lora_r": 8})
+    t.set_tags({"MY_API_KEY": "plantedkey3"})
+    tracking.finish(t, ok=True)
+    dump = "\n".join(sqlite3.connect(tmp_path / "mlflow" / "mlflow.db").iterdump())
+    for secret in ("hf_plantedsecret1", "plantedpw2", "plantedkey3"):
+        assert secret not in dump
+    run = t.client.get_run(t.run_id)
+    assert run.data.params["lora_r"] == "8"
+    assert run.data.params["db_uri"] == "postgresql://me:***@db/x"

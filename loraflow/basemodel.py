@@ -1,0 +1,308 @@
+"""The embedded base model: a small Llama trained here, on the corpus that ships with loraflow.
+
+``model.base: models/base`` (the default) needs no download: on first use
+``modeling.base_location`` calls :func:`ensure_base`, which builds the folder once and reuses it.
+
+    loraflow build-base [--out models/base] [--steps N]
+
+What it builds (about a minute on 2 CPU cores): a byte-level BPE tokenizer (digits split one
+per token, ChatML chat template) and a ~1M-parameter ``LlamaForCausalLM`` trained from scratch on
+``loraflow/corpus/*.txt`` - facts in plain prose ("The opposite of hot is cold.", "The capital of
+Peru is Lima.", "37 is an odd number."). The model knows the facts but has never seen an
+instruction format, so a LoRA fine-tune on ``data/raw/sample.jsonl`` (the same facts asked as
+alpaca instructions) shows a real gain. Same seed and machine -> identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow.atomic import atomic_dir
+from loraflow.errors import ConfigError
+
+if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
+    from transformers import PreTrainedTokenizerFast
+
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB_SIZE = 1024
+
+# Widths are multiples of 64: bitsandbytes' 4-bit CPU kernels need them (TRAPS.md 1).
+# hidden 128, 4 layers, MLP 384 -> ~0.85M weights in the blocks + 131k embeddings (tied head).
+ARCH: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+# Training recipe. 4 x 128 = 512 tokens a step; the corpus is ~35k tokens, so 1,200 steps are
+# ~17 passes. Many small steps learn the facts faster than few big ones at equal tokens
+# (measured: batch 16 x 300 steps knew 25% of the facts, 8 x 600 54%, 4 x 1200 68%).
+SEQ_LEN = 128
+BATCH_SIZE = 4
+DEFAULT_STEPS = 1200
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 20
+MIN_LR_RATIO = 0.1
+WEIGHT_DECAY = 0.01
+GRAD_CLIP = 1.0
+
+
+def ensure_base(path: Path) -> Path:
+    """Return ``path``; build the embedded base model there first if it has no ``config.json``."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    with _lock(path):
+        if not (path / "config.json").exists():  # another process may have built it meanwhile
+            print(f"loraflow: {path} is missing; building the embedded base model (about a minute)",
+                  file=sys.stderr)
+            build_base(path)
+    return path
+
+
+def build_base(out: Path, *, seed: int = 0, steps: int | None = None) -> Path:
+    """Train the tokenizer and the model on the shipped corpus and save both to ``out``.
+
+    ``steps`` optimizer steps (None: ``DEFAULT_STEPS``). Writes atomically: ``out`` is replaced
+    only when everything is saved. The folder holds a standard Hugging Face model (safetensors),
+    its tokenizer, ``README.md`` (model card) and ``build.json`` (seed, steps, losses).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    if steps < 1:
+        raise ConfigError(f"build-base: --steps must be a positive integer, got {steps}")
+    started = time.perf_counter()
+    docs = read_corpus()
+
+    tok = train_tokenizer(docs)
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **ARCH,
+    )
+    model = LlamaForCausalLM(config)
+    losses = _train(model, ids, eos_id=tok.eos_token_id, steps=steps, seed=seed)
+    model.eval()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    k = max(1, min(10, steps // 5))  # mean of the first and last k steps: less noisy than one step
+    info = {
+        "seed": seed,
+        "steps": steps,
+        "tokens_seen": steps * BATCH_SIZE * SEQ_LEN,
+        "corpus_tokens": sum(len(x) + 1 for x in ids),
+        "corpus_sha256": corpus_digest(),
+        "params": n_params,
+        "loss_start": sum(losses[:k]) / k,
+        "loss_end": sum(losses[-k:]) / k,
+        "losses": [round(x, 4) for x in losses],
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(info, config), encoding="utf-8")
+    print(
+        f"loraflow: built {out} ({n_params:,} params, {steps} steps, loss {info['loss_start']:.2f} -> "
+        f"{info['loss_end']:.2f}, {info['seconds']:.0f} s)",
+        file=sys.stderr,
+    )
+    return out
+
+
+def read_corpus(corpus_dir: Path = CORPUS_DIR) -> list[str]:
+    """The shipped corpus as documents (blank-line separated; '# ' comment lines dropped)."""
+    from loraflow.corpus.generate import read_documents
+
+    return read_documents(corpus_dir)
+
+
+def corpus_digest(corpus_dir: Path = CORPUS_DIR) -> str:
+    h = hashlib.sha256()
+    for path in sorted(corpus_dir.glob("*.txt")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def train_tokenizer(docs: list[str], vocab_size: int = VOCAB_SIZE) -> "PreTrainedTokenizerFast":
+    """Byte-level BPE (any text encodes), one token per digit, ChatML template; eos = bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one per token ("137" -> 1 3 7): parity and successor are then learnable from the
+    # last digit. Spaces stay glued to the next word (GPT-2 style): isolating them made every
+    # word one spelling but cost 1.4x tokens, and the model learned far fewer facts in the
+    # budget (measured 12% vs 37%); the corpus states answers at line starts instead.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=SPECIAL_TOKENS[2:],
+        model_max_length=ARCH["max_position_embeddings"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _batches(ids: list[list[int]], eos_id: int, seed: int):
+    """Endless (BATCH_SIZE, SEQ_LEN) blocks: each pass shuffles documents, joins them with EOS, cuts."""
+    import torch
+
+    rng = random.Random(seed)
+    order = list(range(len(ids)))
+    while True:
+        rng.shuffle(order)
+        stream = [t for i in order for t in ids[i] + [eos_id]]
+        n = len(stream) // SEQ_LEN
+        blocks = torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
+        blocks = blocks[torch.tensor(rng.sample(range(n), n))]
+        for b in range(0, n - BATCH_SIZE + 1, BATCH_SIZE):
+            yield blocks[b : b + BATCH_SIZE]
+
+
+def _train(model, ids: list[list[int]], *, eos_id: int, steps: int, seed: int) -> list[float]:
+    """Plain AdamW loop (no Trainer: fewer moving parts, deterministic); returns per-step loss."""
+    import torch
+    from tqdm.auto import tqdm
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LEARNING_RATE,
+        betas=(0.9, 0.95),
+    )
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine down to MIN_LR_RATIO of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses: list[float] = []
+    batches = _batches(ids, eos_id, seed)
+    bar = tqdm(total=steps, desc="build-base", unit="step", file=sys.stderr, dynamic_ncols=True)
+    for _ in range(steps):
+        x = next(batches)
+        loss = model(input_ids=x, labels=x).loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"build-base: non-finite loss at step {len(losses)}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    return losses
+
+
+def _model_card(info: dict, config) -> str:
+    return f"""# loraflow embedded base model
+
+A small `LlamaForCausalLM` built by `loraflow build-base` from the corpus that ships with
+loraflow (`loraflow/corpus/*.txt`, generated by `python -m loraflow.corpus.generate`: facts in
+plain prose, original text dedicated to the public domain, CC0 1.0). Nothing was downloaded.
+It is a demo base for the sample LoRA/QLoRA fine-tune, not a general language model.
+
+| | |
+|---|---|
+| parameters | {info['params']:,} |
+| layers / hidden / MLP / heads | {config.num_hidden_layers} / {config.hidden_size} / {config.intermediate_size} / {config.num_attention_heads} |
+| vocabulary | {config.vocab_size} (byte-level BPE, one token per digit, ChatML chat template) |
+| seed | {info['seed']} |
+| steps | {info['steps']} x {BATCH_SIZE} x {SEQ_LEN} tokens ({info['tokens_seen']:,} tokens; corpus {info['corpus_tokens']:,}) |
+| loss | {info['loss_start']:.3f} (first steps) -> {info['loss_end']:.3f} (last steps) |
+| corpus sha256 | `{info['corpus_sha256']}` |
+| build time | {info['seconds']} s ({info['torch_threads']} threads, torch {info['torch']}) |
+
+Rebuild: `loraflow build-base --out models/base --steps {info['steps']}` (same seed and machine give
+identical weights).
+"""
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """Serialize builds of one folder across processes (two stages starting at once build once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic_dir still keeps the folder whole
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cli_build_base(out: str, steps: int | None) -> int:
+    """``loraflow build-base``: build the embedded base model into ``out``; exit status 0."""
+    build_base(Path(out), steps=steps)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="loraflow build-base", description="Build the embedded base model.")
+    ap.add_argument("--out", default="models/base", help="output folder (default: models/base)")
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    args = ap.parse_args(argv)
+    return cli_build_base(args.out, args.steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

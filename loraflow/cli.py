@@ -134,8 +134,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     stage = importlib.import_module(f"tasks.{args.name}")
     if args.name == "train":
+        from loraflow.lineage import dvc_lock_digest, git_commit
+
+        tags = {"git_commit": git_commit(paths.root)}  # the contract's run tags, as the flow sets them
+        if lock := dvc_lock_digest(paths.root):
+            tags["dvc_lock_digest"] = lock
         tracker = tracking.start_run(paths, cfg.register.model_name,
-                                     f"train r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}")
+                                     f"train r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}", tags=tags)
     else:
         run_id = read_report(paths, "train").get("mlflow_run_id")
         tracker = tracking.resume(paths, run_id) if run_id else tracking.NullTracker()

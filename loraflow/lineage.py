@@ -1,4 +1,4 @@
-"""Where a model came from: git commit, dvc.lock digest, data digest and the knobs."""
+"""Where a model came from: git commit, dvc.lock digest, data and code digests, and the knobs."""
 
 from __future__ import annotations
 
@@ -33,6 +33,23 @@ def dvc_lock_digest(root: Path) -> str | None:
     return hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else None
 
 
+def code_digest() -> str:
+    """sha256 (32 hex) of the pipeline's own source: the ``loraflow`` and ``tasks`` packages.
+
+    The "code" of a lineage key. A commit id is no measure of it: committing dvc.lock or a README
+    makes a new one, every uncommitted edit shares one ``-dirty`` id, and outside git there is none.
+    """
+    import importlib
+
+    h = hashlib.sha256()
+    for package in ("loraflow", "tasks"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".txt") and "__pycache__" not in path.parts:
+                h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")
+    return h.hexdigest()[:32]
+
+
 def read_report(paths: Paths, stage: str) -> dict[str, Any]:
     path = paths.report(stage)
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -51,6 +68,7 @@ def lineage_tags(cfg: Config, paths: Paths) -> dict[str, str]:
         "lora_target_modules": json.dumps(cfg.lora.target_modules),
         "dataset_digest": str(prepare.get("dataset_digest", "unknown")),
         "git_commit": git_commit(paths.root),
+        "code_digest": code_digest(),
     }
     lock = dvc_lock_digest(paths.root)
     if lock:
@@ -61,7 +79,7 @@ def lineage_tags(cfg: Config, paths: Paths) -> dict[str, str]:
 def lineage_key(cfg: Config, tags: dict[str, str]) -> str:
     """One hash of (data, params, code): the same key is never registered twice."""
     blob = json.dumps(
-        {"config": cfg.model_dump(mode="json"), "data": tags.get("dataset_digest"), "code": tags.get("git_commit")},
+        {"config": cfg.model_dump(mode="json"), "data": tags.get("dataset_digest"), "code": tags.get("code_digest")},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

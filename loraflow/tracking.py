@@ -26,6 +26,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
+
 
 class NullTracker:
     """Logs nothing: for unit tests and for stages run without tracking."""
@@ -42,6 +44,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
         pass
 
 
@@ -108,6 +113,15 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """An MLflow dataset input ("Datasets used" in the UI); ``digest`` is DVC's md5 of the folder."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 def _param_str(v: Any) -> str:

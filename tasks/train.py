@@ -82,7 +82,10 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         f"{method} on {cfg.model.base}: r={cfg.lora.r}, alpha={cfg.lora.alpha:g} (scale {cfg.lora.scale:g}), "
         f"targets {', '.join(targets)}; {trainable:,} trainable params ({pct:.3f}% of {total:,})"
     )
-    tracker.log_params(_params(cfg, paths, method, targets, trainable, pct))
+    params = _params(cfg, paths, method, targets, trainable, pct)
+    tracker.log_params(params)
+    if "dataset_digest" in params:  # the same digest as an MLflow dataset input: "Datasets used" in the UI
+        tracker.log_dataset("prepared", params["dataset_digest"], _rel(paths, paths.prepared), "training")
 
     # trainer, and what it will train on
     log = training.TrainLog(paths.train_log, tracker)
@@ -127,6 +130,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     # the adapter: written whole or not at all, and only after training succeeded
     with atomic_dir(paths.adapter) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        _sort_sets(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / modeling.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
     last = training.keep_last_checkpoint(paths)
@@ -203,6 +207,16 @@ def _params(cfg: Config, paths: Paths, method: str, targets: list[str], trainabl
         if digest:
             params["dataset_digest"] = digest
     return params
+
+
+def _sort_sets(config_file: Path) -> None:
+    """peft holds target_modules as a set and writes it in hash order, which changes with every process
+    (PYTHONHASHSEED); sorted, the same training writes the same bytes and DVC sees an unchanged adapter."""
+    cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _adapter_meta(cfg: Config, method: str, targets: list[str], cdtype) -> dict[str, Any]:

@@ -89,6 +89,9 @@ class Recorder:
     def log_artifact(self, path, artifact_path=None):
         pass
 
+    def log_dataset(self, name, digest, source, context):
+        pass
+
 
 @pytest.mark.slow
 def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):

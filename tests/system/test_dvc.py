@@ -50,7 +50,7 @@ COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors"]
 ENTRY = {
     "base": ["loraflow.modeling", "loraflow.dvcmeta"],  # base_location, or the REFERENCE.md for another base
     "prepare": ["tasks.prepare"],
-    "train": ["tasks.train", "loraflow.tracking"],  # cmd_stage opens the MLflow run
+    "train": ["tasks.train", "loraflow.tracking", "loraflow.lineage"],  # cmd_stage opens the MLflow run, tagged
     "evaluate": ["tasks.evaluate", "loraflow.tracking", "loraflow.lineage"],  # ... and resumes it from train.json
     "merge": ["tasks.merge", "loraflow.tracking", "loraflow.lineage"],
     "register": ["tasks.register", "loraflow.tracking", "loraflow.lineage"],

@@ -9,6 +9,8 @@ import pytest
 
 from tests.tiny import make_model
 
+# Set before torch loads: spinning OpenMP threads collapse on a shared 2-core box (see loraflow/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Never reach a hub from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -59,6 +59,24 @@ def register_task(config: Config, root: str, run_id: str | None) -> dict[str, An
     return _plain(tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
 
 
+def _lint(config: Config, paths: Paths, tracker: tracking.MlflowTracker) -> None:
+    """The planner's lints (the seed's four mistakes) at the start of every run, logged to MLflow."""
+    import sys
+
+    from loraflow import planner
+    from loraflow.errors import LoraflowError
+
+    try:
+        found = planner.lints(config, paths, planner.plan(config, paths, with_lints=False),
+                              current_run_id=tracker.run_id)
+    except LoraflowError as e:  # a plan that cannot be made must not stop a run that may still fit
+        print(f"loraflow: plan: {e}", file=sys.stderr)
+        return
+    for lint in found:
+        print(f"loraflow: {lint.level} [{lint.id}]: {lint.message}", file=sys.stderr)
+    tracker.set_tags({"lints": ",".join(x.id for x in found) or "none"})
+
+
 @flow(name="finetune", flow_run_name="finetune r={config.lora.r} α={config.lora.alpha:g} {config.method}")
 def finetune(config: Config, root: str = ".") -> dict[str, Any]:
     """The whole DAG as one flow run and one MLflow run; returns every stage's result."""
@@ -72,6 +90,7 @@ def finetune(config: Config, root: str = ".") -> dict[str, Any]:
     ok = False
     try:
         tracker.log_params({f"config.{k}": v for k, v in config.flat().items()})
+        _lint(config, paths, tracker)
         tracker.log_artifact(paths.report("prepare"), "reports")
         out["train"] = train_task(config, root, tracker.run_id)
         out["evaluate"] = evaluate_task(config, root, tracker.run_id)

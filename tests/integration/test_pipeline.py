@@ -74,6 +74,7 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
     cl = tracking.client(paths)
     run = cl.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert "lints" in run.data.tags  # the planner's lints ran at the start and were logged
     p = run.data.params
     assert p["method"] == "qlora" and p["lora_r"] == "16" and float(p["lora_scale"]) == 2.0
     for key in ("base_model", "lora_alpha", "lora_dropout", "lora_target_modules", "quant_type", "double_quant",

@@ -1,13 +1,20 @@
 """Does a short QLoRA fine-tune on the sample dataset beat the embedded base? (run by hand)
 
-    python bench/check_sample_gain.py                        # defaults: the knobs in params.yaml
-    python bench/check_sample_gain.py -s lora.r=8 --threads 1
+    python bench/check_sample_gain.py -c params.yaml         # the knobs in params.yaml
+    python bench/check_sample_gain.py --threads 1 -s lora.target_modules=attention \
+        -s train.learning_rate=3e-3 -s train.batch_size=8 -s train.epochs=3   # the measured recipe
 
 Loads the base in 4-bit NF4 through ``loraflow.modeling.load_model`` (CPU repack disabled,
 TRAPS.md 1), renders ``data/raw/sample.jsonl`` with the alpaca templates of the prepare stage,
 holds out 10% by a content hash, trains LoRA on the answers only with a plain AdamW loop, and
 prints greedy exact match and answer-token loss of base and tuned on the held-out records.
 A stand-in for prepare -> train -> evaluate while those stages are being written.
+
+Measured on the default base (900 steps, seed 0), 2 shared cores, 1 thread, 1,902 train / 216
+held-out records, r=16, alpha=32, dropout 0.05, lr 3e-3, batch 8, 3 epochs (714 steps):
+    base                     loss 4.19  exact match 0.000
+    attention-qv             loss 0.97  exact match 0.370-0.380   (~58 s of training)
+    attention (q, k, v, o)   loss 0.90  exact match 0.417         (~62 s); 2 epochs: 0.343 (44 s)
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@
 
     loraflow build-base [--out models/base] [--steps N]
 
-What it builds (about a minute on 2 CPU cores): a byte-level BPE tokenizer (digits split one
-per token, ChatML chat template) and a ~1M-parameter ``LlamaForCausalLM`` trained from scratch on
-``loraflow/corpus/*.txt`` - facts in plain prose ("The opposite of hot is cold.", "The capital of
-Peru is Lima.", "37 is an odd number."). The model knows the facts but has never seen an
-instruction format, so a LoRA fine-tune on ``data/raw/sample.jsonl`` (the same facts asked as
-alpaca instructions) shows a real gain. Same seed and machine -> identical weights.
+What it builds (~80 s on a 2-core CPU): a byte-level BPE tokenizer (digits split one per
+token, ChatML chat template) and an 844k-parameter ``LlamaForCausalLM`` trained from scratch on
+``loraflow/corpus/*.txt``: facts in plain prose ("The opposite of hot is cold.", "The capital of
+Peru is Lima.") and on quiz sheets ("What is the plural of mouse?" / "mice"). The model knows
+about half of the facts but has never seen an instruction format (its exact match on the sample
+task is 0), so a LoRA fine-tune on ``data/raw/sample.jsonl`` (the same facts asked as alpaca
+instructions) shows a real gain. Same seed and machine -> identical weights (checked for 1 and
+2 torch threads too).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ CHAT_TEMPLATE = (
 VOCAB_SIZE = 1024
 
 # Widths are multiples of 64: bitsandbytes' 4-bit CPU kernels need them (TRAPS.md 1).
-# hidden 128, 4 layers, MLP 384 -> ~0.85M weights in the blocks + 131k embeddings (tied head).
+# hidden 128, 3 layers, MLP 448 -> 3 x (4 x 128^2 + 3 x 128 x 448) = 713k weights in the blocks
+# + 131k embeddings (tied with the head) = 844k. Against 4 layers x MLP 384 it steps ~15% faster
+# and knew as many facts (52% vs 50%); hidden 256 at equal time knew far fewer (fewer steps).
 ARCH: dict[str, Any] = dict(
     hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
+    intermediate_size=448,
+    num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=4,
     max_position_embeddings=512,
@@ -55,13 +59,17 @@ ARCH: dict[str, Any] = dict(
     rms_norm_eps=1e-5,
 )
 
-# Training recipe. 4 x 128 = 512 tokens a step; the corpus is ~35k tokens, so 1,200 steps are
-# ~17 passes. Many small steps learn the facts faster than few big ones at equal tokens
-# (measured: batch 16 x 300 steps knew 25% of the facts, 8 x 600 54%, 4 x 1200 68%).
+# Training recipe, tuned by measurement on 2 cores (share of facts the model completes):
+# - many small steps beat few big ones at equal tokens (an earlier corpus): batch 16 x 300 steps
+#   25%, 8 x 600 54%, 4 x 1200 68%;
+# - but tokens count too: 4 x 64 tokens x 1200 steps 15%, vs 4 x 128 x 900 steps 50%;
+# - peak lr 2e-3 (47-52%, two seeds) beats 1e-3 (35%), 3e-3 (30%) and 5e-3 (11%).
+# 4 x 128 = 512 tokens a step; the corpus is ~30k tokens, so 900 steps are ~15 passes at
+# ~75 ms a step on one thread: ~70 s, most of the build.
 SEQ_LEN = 128
 BATCH_SIZE = 4
-DEFAULT_STEPS = 1200
-LEARNING_RATE = 3e-3
+DEFAULT_STEPS = 900
+LEARNING_RATE = 2e-3
 WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1
 WEIGHT_DECAY = 0.01
@@ -75,7 +83,7 @@ def ensure_base(path: Path) -> Path:
         return path
     with _lock(path):
         if not (path / "config.json").exists():  # another process may have built it meanwhile
-            print(f"loraflow: {path} is missing; building the embedded base model (about a minute)",
+            print(f"loraflow: {path} is missing; building the embedded base model (~80 s, once)",
                   file=sys.stderr)
             build_base(path)
     return path
@@ -89,7 +97,7 @@ def build_base(out: Path, *, seed: int = 0, steps: int | None = None) -> Path:
     its tokenizer, ``README.md`` (model card) and ``build.json`` (seed, steps, losses).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(out)
     steps = DEFAULT_STEPS if steps is None else int(steps)
@@ -100,17 +108,23 @@ def build_base(out: Path, *, seed: int = 0, steps: int | None = None) -> Path:
 
     tok = train_tokenizer(docs)
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    config = base_config()
+    got = (len(tok), tok.eos_token_id, tok.pad_token_id)
+    if got != (config.vocab_size, config.eos_token_id, config.pad_token_id):
+        raise RuntimeError(f"build-base: tokenizer (size, eos, pad) = {got} does not match base_config()")
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **ARCH,
-    )
-    model = LlamaForCausalLM(config)
-    losses = _train(model, ids, eos_id=tok.eos_token_id, steps=steps, seed=seed)
+    # One thread: these matmuls are tiny (512 x 128 x 384), so a second thread gains ~20% on an idle
+    # box, loses 20-50% with OMP_WAIT_POLICY=PASSIVE (the CLI sets it) and 5x with spinning threads
+    # on a busy one. Weights are identical with 1 or 2 threads (checked), so nothing else changes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):  # seed our init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+            losses = _train(model, ids, eos_id=tok.eos_token_id, steps=steps, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -127,7 +141,7 @@ def build_base(out: Path, *, seed: int = 0, steps: int | None = None) -> Path:
         "losses": [round(x, 4) for x in losses],
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": 1,
     }
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -140,6 +154,19 @@ def build_base(out: Path, *, seed: int = 0, steps: int | None = None) -> Path:
         file=sys.stderr,
     )
     return out
+
+
+def base_config():
+    """The ``LlamaConfig`` that :func:`build_base` builds, without building (the planner reads it)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN),
+        **ARCH,
+    )
 
 
 def read_corpus(corpus_dir: Path = CORPUS_DIR) -> list[str]:
@@ -232,7 +259,7 @@ def _train(model, ids: list[list[int]], *, eos_id: int, steps: int, seed: int) -
     bar = tqdm(total=steps, desc="build-base", unit="step", file=sys.stderr, dynamic_ncols=True)
     for _ in range(steps):
         x = next(batches)
-        loss = model(input_ids=x, labels=x).loss
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"build-base: non-finite loss at step {len(losses)}")
         loss.backward()
@@ -264,7 +291,7 @@ It is a demo base for the sample LoRA/QLoRA fine-tune, not a general language mo
 | steps | {info['steps']} x {BATCH_SIZE} x {SEQ_LEN} tokens ({info['tokens_seen']:,} tokens; corpus {info['corpus_tokens']:,}) |
 | loss | {info['loss_start']:.3f} (first steps) -> {info['loss_end']:.3f} (last steps) |
 | corpus sha256 | `{info['corpus_sha256']}` |
-| build time | {info['seconds']} s ({info['torch_threads']} threads, torch {info['torch']}) |
+| build time | {info['seconds']} s on one CPU thread (torch {info['torch']}) |
 
 Rebuild: `loraflow build-base --out models/base --steps {info['steps']}` (same seed and machine give
 identical weights).

@@ -4,11 +4,12 @@
     python data/raw/make_sample.py --out X.jsonl   # write elsewhere (the test compares bytes)
 
 Short, checkable answers (exact match means something): opposites, days and months before and
-after, plurals, capitals, animal sounds and young, past tenses, letters, parity, number words,
-next and previous numbers. The facts come from ``loraflow/corpus/facts.py``, the same tables the
-embedded base model's corpus states in prose, so the base model knows the facts and the
-fine-tune teaches the instruction format and recall. Each fact is asked in two of its family's
-phrasings, some of them with the subject in the ``input`` field.
+after, plurals, capitals, animal sounds and young, past tenses, letters before and after,
+parity, number words, next numbers (2,118 records from 706 facts). The facts come from
+``loraflow/corpus/facts.py``, the same tables the embedded base model's corpus states in prose
+and on quiz sheets, so the base model knows the facts and the fine-tune teaches the
+instruction format and recall. Each fact is asked in each of its family's
+three phrasings, one of them with the subject in the ``input`` field.
 
 Original text written for loraflow, dedicated to the public domain (CC0 1.0).
 """
@@ -29,7 +30,7 @@ from loraflow.corpus.facts import all_facts  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "sample.jsonl"
 SEED = 0
-PHRASINGS_PER_FACT = 2
+PHRASINGS_PER_FACT = 3
 
 # (instruction, input); {s} is the fact's subject.
 INSTRUCTIONS: dict[str, list[tuple[str, str]]] = {
@@ -68,11 +69,6 @@ INSTRUCTIONS: dict[str, list[tuple[str, str]]] = {
         ("Name the capital city of the given country.", "{s}"),
         ("Which city is the capital of {s}?", ""),
     ],
-    "country_of_capital": [
-        ("Which country has {s} as its capital?", ""),
-        ("Name the country whose capital city is given.", "{s}"),
-        ("{s} is the capital of which country?", ""),
-    ],
     "animal_sound": [
         ("What sound does a {s} make?", ""),
         ("Write the sound this animal makes.", "{s}"),
@@ -108,20 +104,10 @@ INSTRUCTIONS: dict[str, list[tuple[str, str]]] = {
         ("Spell out the number in English words.", "{s}"),
         ("How do you write {s} in words?", ""),
     ],
-    "number_digits": [
-        ("Write {s} as a number in digits.", ""),
-        ("Convert the number word to digits.", "{s}"),
-        ("What number is {s}?", ""),
-    ],
     "number_after": [
         ("What number comes after {s}?", ""),
         ("Add one to the number.", "{s}"),
         ("What is {s} plus one?", ""),
-    ],
-    "number_before": [
-        ("What number comes before {s}?", ""),
-        ("Subtract one from the number.", "{s}"),
-        ("What is {s} minus one?", ""),
     ],
 }
 

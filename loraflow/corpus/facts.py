@@ -139,8 +139,6 @@ def opposite_pairs() -> list[tuple[str, str]]:
     return [p for a, b in OPPOSITES for p in ((a, b), (b, a))]
 
 
-
-
 def check_tables() -> None:
     """Every question has one answer: no word in two antonym pairs."""
     words = [w for pair in OPPOSITES for w in pair]
@@ -158,10 +156,17 @@ class Fact(NamedTuple):
 
 
 def all_facts() -> list[Fact]:
-    """Every fact of every table, in a fixed order (families in FAMILIES order)."""
+    """Every fact of every table, in a fixed order.
+
+    Reverse lookups (country of a capital, digits of a number word) and number predecessors
+    are left out: the embedded base learned them poorly in its build budget (2-17% of them).
+    """
     check_tables()
     out: list[Fact] = []
-    add = lambda family, pairs: out.extend(Fact(family, str(s), str(a)) for s, a in pairs)  # noqa: E731
+
+    def add(family: str, pairs) -> None:
+        out.extend(Fact(family, str(s), str(a)) for s, a in pairs)
+
     add("opposite", opposite_pairs())
     add("day_after", [(d, after(DAYS, d)) for d in DAYS])
     add("day_before", [(d, before(DAYS, d)) for d in DAYS])
@@ -169,7 +174,6 @@ def all_facts() -> list[Fact]:
     add("month_before", [(m, before(MONTHS, m)) for m in MONTHS])
     add("plural", PLURALS)
     add("capital", CAPITALS)
-    add("country_of_capital", [(c, k) for k, c in CAPITALS])
     add("animal_sound", ANIMAL_SOUNDS)
     add("baby_animal", BABY_ANIMALS)
     add("past_tense", PAST_TENSE)
@@ -177,7 +181,5 @@ def all_facts() -> list[Fact]:
     add("letter_before", zip(LETTERS[1:], LETTERS[:-1]))
     add("parity", [(n, parity(n)) for n in NUMBERS])
     add("number_word", [(n, number_word(n)) for n in NUMBERS])
-    add("number_digits", [(number_word(n), n) for n in NUMBERS])
     add("number_after", [(n, n + 1) for n in NUMBERS])
-    add("number_before", [(n, n - 1) for n in NUMBERS if n > 0])
     return out

@@ -3,10 +3,10 @@
     python -m loraflow.corpus.generate            # rewrite the files (deterministic)
     python -m loraflow.corpus.generate --check    # exit 1 if the files are stale
 
-Every fact of ``facts.py`` is stated in prose several ways ("The opposite of hot is cold.",
-"Hot and cold are opposites.") and asked once on a quiz sheet ("What is the opposite of
-hot?" / "cold"), shuffled with a fixed seed into short documents. The text is original, written by this
-script for loraflow, and dedicated to the public domain (CC0 1.0).
+Every fact of ``facts.py`` is stated in two prose sentences ("The opposite of hot is cold.",
+"Hot and cold are opposites.") and asked twice on quiz sheets ("Opposite of hot:" / "cold"),
+templates drawn and documents shuffled with a fixed seed. The text is original, written by
+this script for loraflow, and dedicated to the public domain (CC0 1.0).
 """
 
 from __future__ import annotations
@@ -64,11 +64,6 @@ PROSE: dict[str, list[str]] = {
         "{A} is the capital of {s}.",
         "The capital city of {s} is {a}.",
     ],
-    "country_of_capital": [
-        "{S} is a city in {a}.",
-        "{S} is the capital city of {a}.",
-        "Which country has {s} as its capital? {A} does.",
-    ],
     "animal_sound": [
         "A {s} says {a}.",
         "The sound a {s} makes is {a}.",
@@ -98,17 +93,9 @@ PROSE: dict[str, list[str]] = {
         "The number {s} in words is {a}.",
         "We write {s} as {a}.",
     ],
-    "number_digits": [
-        "{S} is written {a} in digits.",
-        "The word {s} means {a}.",
-    ],
     "number_after": [
         "The number after {s} is {a}.",
         "{s} plus one is {a}.",
-    ],
-    "number_before": [
-        "The number before {s} is {a}.",
-        "{s} minus one is {a}.",
     ],
 }
 
@@ -124,8 +111,6 @@ QUIZ: dict[str, list[str]] = {
     "month_before": ["What month comes before {s}?", "Month before {s}:", "Which month is just before {s}?"],
     "plural": ["What is the plural of {s}?", "Plural of {s}:", "One {s}, two what?"],
     "capital": ["What is the capital of {s}?", "Capital of {s}:", "Which city is the capital of {s}?"],
-    "country_of_capital": ["{S} is the capital of which country?", "Country with the capital {s}:",
-                           "Which country has {s} as its capital?"],
     "animal_sound": ["What sound does a {s} make?", "Sound of a {s}:", "What does a {s} say?"],
     "baby_animal": ["What is a baby {s} called?", "Young of a {s}:", "What do you call a young {s}?"],
     "past_tense": ["What is the past tense of {s}?", "Past tense of {s}:", "Today I {s}, yesterday I what?"],
@@ -133,9 +118,7 @@ QUIZ: dict[str, list[str]] = {
     "letter_before": ["What letter comes before {s}?", "Letter before {s}:", "Which letter is just before {s}?"],
     "parity": ["Is {s} even or odd?", "{s} is even or odd:", "Is the number {s} odd or even?"],
     "number_word": ["How do you write {s} in words?", "{s} in words:", "Spell {s} in words."],
-    "number_digits": ["What number is {s}?", "{S} in digits:", "Write {s} with digits."],
     "number_after": ["What number comes after {s}?", "{s} plus one:", "Which number follows {s}?"],
-    "number_before": ["What number comes before {s}?", "{s} minus one:", "Which number is just before {s}?"],
 }
 PROSE_PER_FACT = 2  # statements of each fact, templates drawn per fact
 QUIZ_PER_FACT = 2  # questions of each fact

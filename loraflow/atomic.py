@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    # mkdtemp/mkstemp create 0700/0600 entries; a published output should carry the
+    # user's normal permissions (a shared DVC cache or a second user reads them).
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``target``; on success it replaces ``target``.
@@ -22,6 +30,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -40,6 +49,7 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh

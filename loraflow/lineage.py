@@ -43,7 +43,8 @@ def code_digest() -> str:
 
     h = hashlib.sha256()
     for package in ("loraflow", "tasks"):
-        root = Path(importlib.import_module(package).__file__).parent
+        # __path__, not __file__: a namespace package (no __init__.py) has no __file__.
+        root = Path(importlib.import_module(package).__path__[0])
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in (".py", ".txt") and "__pycache__" not in path.parts:
                 h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")

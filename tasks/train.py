@@ -49,7 +49,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     import torch
     from transformers import set_seed
 
-    from loraflow import modeling, training
+    from loraflow import modeling, rankcheck, training
     from loraflow.digest import file_md5
     from loraflow.prepared import load_split
     from loraflow.targets import resolve_targets
@@ -134,6 +134,11 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / modeling.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
     last = training.keep_last_checkpoint(paths)
+    # How much of r the adapter uses (singular values of each B·A), and whether to raise r.
+    adapter_rank = rankcheck.check_adapter(paths.adapter, trainer.state.log_history, cfg.lora.r, cfg.lora.alpha)
+    tracker.log_metrics(adapter_rank.metrics(), step=steps)
+    if adapter_rank.suggestion:
+        training.say(f"suggestion: {adapter_rank.suggestion}")
 
     result = TrainResult(
         train_loss=training.final_loss(trainer.state.log_history, cfg.train.logging_steps),
@@ -157,6 +162,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         "mlflow_run_id": tracker.run_id,
         "last_checkpoint": _rel(paths, last) if last else None,
         "seconds": round(time.perf_counter() - started, 1),
+        "adapter": adapter_rank.to_dict(),
     }
     report.pop("supervised_tokens")
     write_json(paths.report("train"), report)

@@ -127,6 +127,18 @@ def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
     assert report["method"] == "qlora" and report["lora_r"] == 8 and report["lora_alpha"] == 16
     assert report["eval_loss"] == pytest.approx(result.eval_loss) and report["tokens_per_second"] > 0
 
+    # how much of r the trained adapter uses: singular values of each B·A (loraflow.rankcheck)
+    rank = report["adapter"]
+    assert rank["r"] == 8 and rank["modules_count"] == 14 and len(rank["modules"]) == 14
+    assert 1 <= rank["effective_rank_min"] <= rank["effective_rank_mean"] <= rank["effective_rank_max"] <= 8
+    assert rank["rank_utilisation"] == pytest.approx(rank["effective_rank_mean"] / 8, abs=1e-3)
+    assert all(len(m["singular_values"]) == 8 and m["singular_values"][0] > 0 for m in rank["modules"])
+    assert rank["plateau"]["source"] == "train_loss" and rank["plateau"]["window_steps"] == 8
+    assert rank["suggestion"] is None or "lora.r=16" in rank["suggestion"]
+    logged = {k: v for _, m in tracker.metrics for k, v in m.items() if k.startswith("adapter_")}
+    assert logged == {"adapter_effective_rank_mean": rank["effective_rank_mean"],
+                      "adapter_rank_utilisation": rank["rank_utilisation"]}
+
     # the tracker: the contract's params once, per-step metrics at every log
     assert CONTRACT_PARAMS <= set(tracker.params)
     assert tracker.params["dataset_digest"] == "abc123" and tracker.params["lora_scale"] == 2.0
@@ -150,6 +162,19 @@ def test_lora_full_precision_learns_without_4bit_layers(tiny_llama, tmp_path):
     assert result.train_loss < float(log[0]["loss"]) - 0.6
     assert result.eval_loss is None  # no val split: no eval
     assert not any(r["eval_loss"] for r in log)
+
+
+@pytest.mark.slow
+def test_saturated_flat_adapter_gets_a_rank_suggestion(tiny_llama, tmp_path):
+    """r=1 fills its rank by construction; a near-zero learning rate keeps the loss flat: raise r, keep α/r."""
+    paths = project(tmp_path, n_val=0)
+    cfg = config(tiny_llama, "lora", max_steps=10, learning_rate=1e-6, logging_steps=1)
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 1, "alpha": 2, "target_modules": "attention-qv"})})
+    tasks.train.run(cfg, paths)
+    rank = json.loads(paths.report("train").read_text())["adapter"]
+    assert rank["effective_rank_mean"] == 1 and rank["rank_utilisation"] == 1.0 and rank["modules_count"] == 4
+    assert rank["plateau"]["plateaued"] and abs(rank["plateau"]["improvement"]) < 0.02
+    assert "-s lora.r=2 -s lora.alpha=4" in rank["suggestion"] and "alpha/r = 2" in rank["suggestion"]
 
 
 def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dict[str, torch.Tensor]:

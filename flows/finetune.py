@@ -1,68 +1,185 @@
 """The ``finetune`` Prefect flow: prepare -> train -> evaluate -> merge -> register.
 
 Each task wraps the same plain stage function that ``loraflow stage NAME`` (and so ``dvc repro``)
-calls; the flow adds orchestration only: one MLflow run for the pipeline, names, ordering.
+calls; the flow adds orchestration only: one MLflow run for the pipeline, names, ordering,
+retries, caching, Prefect artifacts, and training on another machine.
+
+Training runs in-process as the ``train`` subflow, or, when ``orchestration.train_deployment`` is
+set (or this flow runs as a deployment: then ``train/gpu``), as a run of that deployment on its
+work pool, waited for. Nothing is handed over on disk: the prepared data goes up to the MLflow run
+(``prepared/``), training brings the adapter back there (``adapter/``), and this flow downloads
+it into ``outputs/adapter/`` for evaluate and merge. The flows pass run ids, never files.
+
+Caching: prepare is keyed on the data section, the model (its tokenizer counts tokens), the raw
+data's digest, the code digest and the project folder; training on the training-relevant config,
+the prepared data's digest, the code digest and the MLflow store. A re-run with nothing changed
+skips both (task state ``Cached``), says so in the log, and tags the MLflow run.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass
+import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.logging import get_run_logger
 
 import tasks.evaluate
 import tasks.merge
 import tasks.prepare
 import tasks.register
-import tasks.train
-from loraflow import tracking
+from flows.common import (
+    DEFAULT_TRAIN_DEPLOYMENT, as_config, digest, label, mlflow_link, plain, publish, retrying, run_name, table,
+    tracker as _tracker,
+)
+from loraflow import handoff, tracking
 from loraflow.config import Config
-from loraflow.lineage import dvc_lock_digest, git_commit
+from loraflow.errors import ConfigError, TrainingError
+from loraflow.lineage import code_digest, dvc_lock_digest, git_commit
 from loraflow.paths import Paths
 
-
-def _plain(result: Any) -> dict[str, Any]:
-    if is_dataclass(result):
-        return asdict(result)
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    return dict(result)
+TRAIN_SECTIONS = ("model", "data", "method", "quantization", "lora", "train")
+TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
+                "quant_type", "double_quant", "compute_dtype", "trainable_params", "trainable_pct",
+                "dataset_digest", "max_length", "learning_rate")
 
 
-def _tracker(root: str, run_id: str | None) -> tracking.Tracker:
-    return tracking.resume(Paths.at(root), run_id) if run_id else tracking.NullTracker()
+# --------------------------------------------------------------------------------------------- cache keys
 
 
-@task(name="prepare", task_run_name="prepare {config.data.path}")
+def _source_digest(cfg: Config, root: Path) -> str | None:
+    from loraflow.digest import dataset_digest, file_md5
+
+    given = Path(cfg.data.path).expanduser()
+    local = given if given.is_absolute() else root / given
+    if local.is_file():
+        return file_md5(local)
+    if local.is_dir():
+        return dataset_digest(local)
+    return None  # a hub dataset: no local content to key on, so no caching
+
+
+def prepare_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    cfg: Config = parameters["config"]
+    root = Paths.at(parameters["root"]).root
+    source = _source_digest(cfg, root)
+    if source is None:
+        return None
+    return "prepare-" + digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                                "source": source, "code": code_digest(), "root": str(root)})
+
+
+def train_key(context: Any, parameters: dict[str, Any]) -> str:
+    cfg: Config = parameters["config"]
+    dump = cfg.model_dump(mode="json")
+    return "train-" + digest({"config": {k: dump[k] for k in TRAIN_SECTIONS}, "data": parameters["dataset_digest"],
+                              "code": code_digest(),
+                              "mlflow": tracking.tracking_uri(Paths.at(parameters["root"]))})
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="prepare", cache_key_fn=prepare_key, persist_result=True)
 def prepare_task(config: Config, root: str) -> dict[str, Any]:
-    return _plain(tasks.prepare.run(config, Paths.at(root)))
+    return plain(tasks.prepare.run(config, Paths.at(root)))
 
 
-@task(name="train", task_run_name="train r={config.lora.r} α={config.lora.alpha:g} {config.method}")
-def train_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return _plain(tasks.train.run(config, Paths.at(root), _tracker(root, run_id)))
+@task(name="upload prepared data")
+def upload_prepared_task(root: str, run_id: str) -> str:
+    return handoff.upload_prepared(Paths.at(root), run_id)
+
+
+@task(name="train", cache_key_fn=train_key, persist_result=True)
+def train_task(config: Config, root: str, run_id: str, dataset_digest: str, deployment: str | None) -> dict[str, Any]:
+    """Train in-process (the ``train`` subflow) or on ``deployment``; the adapter ends up in ``adapter/`` of the run."""
+    paths = Paths.at(root)
+    if deployment:
+        _train_on_deployment(config, paths, run_id, deployment)
+        report = handoff.read_json_artifact(paths, run_id, "reports/train.json")
+    else:
+        from flows.train import train
+
+        report = train(run_id=run_id, config=config.model_dump(mode="json"), root=str(paths.root))
+    return {**report, "adapter_run_id": run_id, "trained_on": deployment or "in-process"}
+
+
+@task(name="download adapter")
+def download_adapter_task(root: str, run_id: str) -> None:
+    handoff.download_adapter(Paths.at(root), run_id)
 
 
 @task(name="evaluate", task_run_name="evaluate base vs tuned")
 def evaluate_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return _plain(tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
+    return plain(tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
 
 
 @task(name="merge", task_run_name="merge into {config.merge.base} base")
 def merge_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return _plain(tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
+    return plain(tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
 
 
 @task(name="register", task_run_name="register {config.register.model_name}")
 def register_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return _plain(tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
+    return plain(tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
+
+
+# --------------------------------------------------------------------------------------------- training elsewhere
+
+
+def require_server(deployment: str) -> str:
+    """The Prefect API URL, or one line saying that training on ``deployment`` needs a server and how to get one."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    fix = ("start one (`prefect server start`), `export PREFECT_API_URL=http://127.0.0.1:4200/api`, create the "
+           "deployments (`loraflow deploy`); or set orchestration.train_deployment: null to train in-process")
+    if not url:
+        raise ConfigError(f"orchestration.train_deployment is {deployment!r} but no Prefect server is set "
+                          f"(PREFECT_API_URL is empty): {fix}")
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ConfigError(f"orchestration.train_deployment is {deployment!r} but the Prefect server at {url} is not "
+                          f"reachable ({type(e).__name__}): {fix}") from None
+    return url
+
+
+def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    log = get_run_logger()
+    url = require_server(deployment)
+    o = cfg.orchestration
+    wait = o.train_timeout_s * (o.retries + 1) + 3600  # every attempt, plus an hour for a worker to pick it up
+    log.info(f"training on deployment {deployment} (MLflow run {run_id}); waiting up to {wait} s")
+    try:
+        child = run_deployment(name=deployment, parameters={"run_id": run_id, "config": cfg.model_dump(mode="json")},
+                               flow_run_name=f"train {label(cfg)}", timeout=wait, poll_interval=2,
+                               tags=["loraflow", f"mlflow-run:{run_id}"])
+    except ObjectNotFound:
+        raise ConfigError(f"orchestration.train_deployment: no deployment {deployment!r} on {url}; create it with "
+                          "`loraflow deploy` (or `prefect --no-prompt deploy --all` in the project folder)") from None
+    state = child.state
+    if state is None or not state.is_final():
+        pool = child.work_pool_name or "its work pool"
+        raise TrainingError(f"{deployment} flow run {child.name} is still {state.name if state else 'unknown'} after "
+                            f"{wait} s; is a worker polling {pool}? start one: `prefect worker start --pool {pool}`")
+    if not state.is_completed():
+        raise TrainingError(f"training on {deployment} ({child.name}) ended {state.name}: "
+                            f"{' '.join((state.message or '').split())[:300]}")
+    log.info(f"{deployment} flow run {child.name} completed on pool {child.work_pool_name}")
+
+
+# --------------------------------------------------------------------------------------------- the flow
 
 
 def _lint(config: Config, paths: Paths, tracker: tracking.MlflowTracker) -> None:
     """The planner's lints (the seed's four mistakes) at the start of every run, logged to MLflow."""
-    import sys
-
     from loraflow import planner
     from loraflow.errors import LoraflowError
 
@@ -77,25 +194,64 @@ def _lint(config: Config, paths: Paths, tracker: tracking.MlflowTracker) -> None
     tracker.set_tags({"lints": ",".join(x.id for x in found) or "none"})
 
 
-@flow(name="finetune", flow_run_name="finetune r={config.lora.r} α={config.lora.alpha:g} {config.method}")
-def finetune(config: Config, root: str = ".") -> dict[str, Any]:
-    """The whole DAG as one flow run and one MLflow run; returns every stage's result."""
+def train_deployment(cfg: Config) -> str | None:
+    """Where training runs: the configured deployment; train/gpu when this pipeline is itself a deployment."""
+    if cfg.orchestration.train_deployment:
+        return cfg.orchestration.train_deployment
+    from prefect.runtime import deployment
+
+    return DEFAULT_TRAIN_DEPLOYMENT if deployment.id else None
+
+
+@flow(name="finetune", flow_run_name=run_name("finetune"))
+def finetune(params: str | None = "params.yaml", overrides: list[str] | None = None, root: str | None = None,
+             config: Config | None = None) -> dict[str, Any]:
+    """The whole DAG as one flow run and one MLflow run; returns every stage's result.
+
+    ``params`` + ``overrides`` (``lora.r=32``, as ``-s``) build the config, so a deployment is
+    parametrised as JSON; Python callers may pass ``config`` instead. ``root``: the project folder
+    (default: the folder of ``params``, else the working directory).
+    """
+    cfg = as_config(config, params if config is None else None, overrides)
+    root = str(Path(root).resolve() if root else Path(params).resolve().parent if params and config is None
+               else Path.cwd())
     paths = Paths.at(root)
-    out: dict[str, Any] = {"prepare": prepare_task(config, root)}
+    log = get_run_logger()
+    deployment = train_deployment(cfg)
+    if deployment:
+        require_server(deployment)
+
+    refresh = not (paths.split("train").exists() and paths.report("prepare").exists())
+    state = prepare_task.with_options(refresh_cache=refresh, task_run_name=f"prepare {cfg.data.path}")(
+        cfg, root, return_state=True)
+    out: dict[str, Any] = {"prepare": state.result()}
+    prepared_cached = state.name == "Cached"
+    if prepared_cached:
+        log.info(f"prepare skipped: cached (same data, data section, tokenizer and code); {paths.prepared} is current")
+
     tracker = tracking.start_run(
-        paths, config.register.model_name, f"finetune r={config.lora.r} α={config.lora.alpha:g} {config.method}",
-        tags={"git_commit": git_commit(paths.root), **({"dvc_lock_digest": d} if (d := dvc_lock_digest(paths.root)) else {})},
+        paths, cfg.register.model_name, f"finetune {label(cfg)}",
+        tags={"git_commit": git_commit(paths.root), **({"dvc_lock_digest": d} if (d := dvc_lock_digest(paths.root)) else {}),
+              **_prefect_tags()},
     )
-    out["mlflow_run_id"] = tracker.run_id
+    run_id = tracker.run_id
+    out["mlflow_run_id"] = run_id
     ok = False
     try:
-        tracker.log_params({f"config.{k}": v for k, v in config.flat().items()})
-        _lint(config, paths, tracker)
+        tracker.log_params({f"config.{k}": v for k, v in cfg.flat().items()})
+        tracker.set_tags({"prepare_cached": str(prepared_cached).lower(), "train_on": deployment or "in-process"})
+        _lint(cfg, paths, tracker)
         tracker.log_artifact(paths.report("prepare"), "reports")
-        out["train"] = train_task(config, root, tracker.run_id)
-        out["evaluate"] = evaluate_task(config, root, tracker.run_id)
-        out["merge"] = merge_task(config, root, tracker.run_id)
-        out["register"] = register_task(config, root, tracker.run_id)
+        data_digest = retrying(upload_prepared_task, cfg).with_options(
+            task_run_name=f"upload prepared/ to run {run_id[:8]}")(root, run_id)
+        _publish_prepare(out["prepare"], paths, run_id)
+
+        out["train"] = _train(cfg, paths, run_id, data_digest, deployment, tracker)
+        out["evaluate"] = evaluate_task(cfg, root, run_id)
+        _publish_evaluate(out["evaluate"], paths, run_id)
+        out["merge"] = merge_task(cfg, root, run_id)
+        out["register"] = retrying(register_task, cfg)(cfg, root, run_id)
+        _publish_register(out["register"], paths, run_id)
         for name in ("train", "evaluate", "merge", "register"):
             tracker.log_artifact(paths.report(name), "reports")
         for extra in (paths.samples, paths.train_log, paths.label_audit):
@@ -104,3 +260,81 @@ def finetune(config: Config, root: str = ".") -> dict[str, Any]:
     finally:
         tracking.finish(tracker, ok)
     return out
+
+
+def _train(cfg: Config, paths: Paths, run_id: str, data_digest: str, deployment: str | None,
+           tracker: tracking.MlflowTracker) -> dict[str, Any]:
+    """Train (or reuse a cached training of the same setup), and leave its adapter in outputs/adapter/."""
+    log = get_run_logger()
+    root = str(paths.root)
+    task_obj = train_task.with_options(task_run_name=f"train {label(cfg)}" + (f" on {deployment}" if deployment else ""))
+    state = task_obj(cfg, root, run_id, data_digest, deployment, return_state=True)
+    result = state.result()
+    if state.name == "Cached" and not _has_adapter(paths, result.get("adapter_run_id")):
+        log.info(f"cached training of run {result.get('adapter_run_id')} has no adapter any more; training again")
+        state = task_obj.with_options(refresh_cache=True)(cfg, root, run_id, data_digest, deployment, return_state=True)
+        result = state.result()
+    source = result["adapter_run_id"]
+    if state.name == "Cached":
+        log.info(f"training skipped: cached (same config, data digest {data_digest[:12]} and code); "
+                 f"reusing the adapter of MLflow run {source}")
+        tracker.set_tags({"train_cached_from": source})
+        old = handoff.client(paths).get_run(source).data
+        tracker.log_params({k: v for k, v in old.params.items() if k in TRAIN_PARAMS})
+        if "train_loss" in old.metrics:
+            tracker.log_metrics({"train_loss": old.metrics["train_loss"]}, step=result.get("steps"))
+    if state.name == "Cached" or deployment:
+        retrying(download_adapter_task, cfg).with_options(task_run_name=f"download adapter/ of run {source[:8]}")(
+            root, source)
+    if state.name == "Cached":
+        publish("train-summary", f"## train {label(cfg)}: skipped (cached)\n\nSame config, data and code as "
+                f"{mlflow_link(paths, source)}; its adapter was reused.", f"train {label(cfg)} (cached)")
+    return result
+
+
+def _has_adapter(paths: Paths, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return handoff.has_artifact(handoff.client(paths), run_id, "adapter/adapter_config.json")
+    except Exception:  # noqa: BLE001 - a deleted run or another store: train again
+        return False
+
+
+def _prefect_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    return {"prefect_flow_run_id": str(flow_run.id)} if flow_run.id else {}
+
+
+# --------------------------------------------------------------------------------------------- Prefect artifacts
+
+
+def _publish_prepare(result: dict[str, Any], paths: Paths, run_id: str) -> None:
+    rows = [["records read", result.get("records_read")], ["records kept", result.get("records_kept")],
+            ["records dropped", result.get("records_dropped")]]
+    rows += [[f"dropped: {k}", v] for k, v in sorted((result.get("dropped") or {}).items()) if v]
+    rows += [[f"{k} split", v] for k, v in (result.get("splits") or {}).items()]
+    rows += [[f"tokens {k}", v] for k, v in (result.get("token_length") or {}).items()]
+    rows += [["truncated", result.get("truncated")], ["format", result.get("format")],
+             ["dataset digest", result.get("dataset_digest")]]
+    publish("prepare-stats", f"## prepared data\n\n{table(['', 'value'], rows)}\n\n"
+            f"Data: `prepared/` of {mlflow_link(paths, run_id)}", "data stats after prepare")
+
+
+def _publish_evaluate(result: dict[str, Any], paths: Paths, run_id: str) -> None:
+    base, tuned = result.get("base") or {}, result.get("tuned") or {}
+    rows = [[m, base.get(m), tuned.get(m)] for m in ("loss", "perplexity", "exact_match", "token_f1")
+            if m in base or m in tuned]
+    publish("evaluate-base-vs-tuned", f"## base vs tuned (test split)\n\n{table(['metric', 'base', 'tuned'], rows)}"
+            f"\n\n{mlflow_link(paths, run_id)}", "base vs tuned after evaluate")
+
+
+def _publish_register(result: dict[str, Any], paths: Paths, run_id: str) -> None:
+    rows = [["model", result.get("name")], ["version", result.get("version")],
+            ["aliases", ", ".join(result.get("aliases") or []) or "-"], ["decision", result.get("decision")],
+            ["reason", result.get("reason")], ["gate metric", result.get("gate_metric")],
+            ["new value", result.get("new_value")], ["champion value", result.get("champion_value")],
+            ["previous champion", result.get("previous_champion")]]
+    publish("register-decision", f"## registry decision\n\n{table(['', ''], rows)}\n\n{mlflow_link(paths, run_id)}",
+            "registry decision after register")

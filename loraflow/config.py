@@ -208,8 +208,31 @@ class RegisterSection(Section):
 
 class OrchestrationSection(Section):
     train_deployment: str | None = Field(
-        None, description="Prefect deployment that trains (e.g. train/gpu); null trains in-process."
+        None,
+        description="Prefect deployment that trains (e.g. train/gpu); null trains in-process, "
+        "unless the pipeline itself runs as a deployment (then train/gpu).",
     )
+    train_timeout_s: int = Field(
+        21600, description="Stop a training attempt after this many seconds (a Prefect timeout on the train task)."
+    )
+    retries: int = Field(
+        2, description="Retries of transient failures (artifact up/downloads, registry calls, a crashed training)."
+    )
+    retry_delay_s: float = Field(10.0, description="First retry delay; it doubles with each retry.")
+
+    @field_validator("train_timeout_s")
+    @classmethod
+    def _timeout(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be a positive number of seconds, got {v}")
+        return v
+
+    @field_validator("retries")
+    @classmethod
+    def _retries(cls, v: int) -> int:
+        if not 0 <= v <= 10:
+            raise ValueError(f"must be between 0 and 10, got {v}")
+        return v
 
 
 with warnings.catch_warnings():

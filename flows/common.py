@@ -1,0 +1,131 @@
+"""What the flows share: config from flow parameters, run names, retry rules, MLflow links, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from loraflow import tracking
+from loraflow.config import Config, load_config
+from loraflow.errors import ConfigError, LoraflowError
+from loraflow.paths import Paths
+
+DEFAULT_TRAIN_DEPLOYMENT = "train/gpu"
+
+
+def plain(result: Any) -> dict[str, Any]:
+    if is_dataclass(result):
+        return asdict(result)
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    return dict(result)
+
+
+def tracker(root: str, run_id: str | None) -> tracking.Tracker:
+    return tracking.resume(Paths.at(root), run_id) if run_id else tracking.NullTracker()
+
+
+def as_config(value: Config | dict[str, Any] | None, params: str | None = None,
+              overrides: list[str] | None = None) -> Config:
+    """The typed config from a flow's parameters: a Config, its JSON form, or params.yaml + overrides."""
+    if isinstance(value, Config):
+        return value
+    if isinstance(value, dict):
+        try:
+            return Config.model_validate(value)
+        except Exception as e:  # pydantic's multi-line message, as one line
+            raise ConfigError(f"config parameter: {' '.join(str(e).split())[:400]}") from None
+    if params and not Path(params).exists():
+        raise ConfigError(f"{Path(params).resolve()}: no such params file (the flow's params parameter); "
+                          "run the deployment's worker in the project folder or pass an absolute path")
+    return load_config(params, list(overrides or []))
+
+
+def label(cfg: Config) -> str:
+    """``r=16 α=32 qlora``: what a run trains, for flow and task run names."""
+    return f"r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}"
+
+
+def run_name(prefix: str) -> Any:
+    """A ``flow_run_name`` callable: ``<prefix> r=16 α=32 qlora`` read from the run's own parameters."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        p = flow_run.parameters or {}
+        try:
+            cfg = as_config(p.get("config"), p.get("params"), p.get("overrides"))
+        except Exception:  # a bad config fails in the flow body with its one-line message
+            return prefix
+        return f"{prefix} {label(cfg)}"
+
+    return name
+
+
+def no_retry_on_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures only: never a config/data/model error, never a timeout."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - the stored exception itself
+            exc = e
+    return not isinstance(exc, (LoraflowError, TimeoutError))
+
+
+def backoff(cfg: Config) -> list[float]:
+    """Exponential backoff: retry_delay_s, 2x, 4x, ..."""
+    o = cfg.orchestration
+    return [o.retry_delay_s * 2**i for i in range(o.retries)] or [0]
+
+
+def retrying(task_obj: Any, cfg: Config) -> Any:
+    return task_obj.with_options(retries=cfg.orchestration.retries, retry_delay_seconds=backoff(cfg),
+                                 retry_condition_fn=no_retry_on_user_error)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------- MLflow links
+
+
+def mlflow_link(paths: Paths, run_id: str | None) -> str:
+    """Markdown pointing at the MLflow run: a URL with a tracking server, else the UI command."""
+    if not run_id:
+        return "no MLflow run"
+    uri = tracking.tracking_uri(paths)
+    if uri.startswith(("http://", "https://")):
+        try:
+            exp = tracking.client(paths).get_run(run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - a link is best effort
+            return f"[MLflow run {run_id}]({uri.rstrip('/')}/#/runs/{run_id})"
+        return f"[MLflow run {run_id}]({uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id})"
+    return f"MLflow run `{run_id}` (`mlflow ui --backend-store-uri {uri}`)"
+
+
+def publish(key: str, markdown: str, description: str) -> None:
+    """A Prefect markdown artifact (best effort: never fails a stage)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.logging import get_run_logger
+
+    try:
+        create_markdown_artifact(key=key, markdown=markdown, description=description)
+    except Exception as e:  # noqa: BLE001
+        try:
+            get_run_logger().warning(f"could not publish Prefect artifact {key}: {e}")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

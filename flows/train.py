@@ -1,0 +1,91 @@
+"""The ``train`` Prefect flow: the training stage alone, on whatever machine runs it (deployment ``train/gpu``).
+
+It shares no disk with the pipeline. Given the pipeline's MLflow run id and the config as JSON it
+
+    downloads runs:/<id>/prepared/  ->  trains (CUDA when present, else CPU)  ->  uploads adapter/
+
+and logs into that same MLflow run. Its return value is for in-process callers only: across
+workers Prefect results are not shared (TRAPS 9), so the pipeline reads ``reports/train.json``
+back from the MLflow run instead.
+
+The working folder is ``$LORAFLOW_WORK_DIR/<run id>`` (default ``~/.cache/loraflow/work``): a
+retried or re-submitted training of the same run finds its checkpoints there and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.logging import get_run_logger
+
+import tasks.train
+from flows.common import as_config, label, mlflow_link, plain, publish, retrying, run_name, table, tracker
+from loraflow import handoff
+from loraflow.config import Config
+from loraflow.paths import Paths
+
+# Extra transformers TrainerCallbacks for in-process runs (tests plant faults with one).
+EXTRA_CALLBACKS: list[Any] = []
+
+
+def work_dir(run_id: str) -> str:
+    base = os.environ.get("LORAFLOW_WORK_DIR") or str(Path.home() / ".cache" / "loraflow" / "work")
+    return str(Path(base).expanduser().resolve() / run_id)
+
+
+def device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu"
+
+
+@task(name="download prepared data")
+def fetch_prepared(root: str, run_id: str) -> str:
+    return handoff.download_prepared(Paths.at(root), run_id)
+
+
+@task(name="train")
+def train_stage(config: Config, root: str, run_id: str) -> dict[str, Any]:
+    """The train stage; a retry re-enters it and it resumes from its last checkpoint in outputs/checkpoints."""
+    return plain(tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=list(EXTRA_CALLBACKS)))
+
+
+@task(name="upload adapter")
+def publish_adapter(root: str, run_id: str) -> bool:
+    return handoff.upload_adapter(Paths.at(root), run_id)
+
+
+@flow(name="train", flow_run_name=run_name("train"))
+def train(run_id: str, config: dict[str, Any], root: str | None = None) -> dict[str, Any]:
+    """Train the adapter of MLflow run ``run_id`` with ``config`` (the full config as JSON).
+
+    ``root``: the project folder to work in; default ``$LORAFLOW_WORK_DIR/<run_id>`` (a folder of
+    its own, filled from MLflow). In-process the pipeline passes its own root and nothing is copied.
+    """
+    cfg = as_config(config)
+    root = root or work_dir(run_id)
+    paths = Paths.at(root)
+    log = get_run_logger()
+    where = device()
+    log.info(f"training {label(cfg)} for MLflow run {run_id} on {where} in {paths.root}")
+    tracker(root, run_id).set_tags({"train_device": where.split(" ")[0]})
+
+    retrying(fetch_prepared, cfg).with_options(task_run_name=f"download prepared/ of run {run_id[:8]}")(root, run_id)
+    result = retrying(train_stage, cfg).with_options(
+        task_run_name=f"train {label(cfg)} on {where.split(' ')[0]}",
+        timeout_seconds=cfg.orchestration.train_timeout_s,
+    )(cfg, root, run_id)
+    retrying(publish_adapter, cfg).with_options(task_run_name=f"upload adapter/ to run {run_id[:8]}")(root, run_id)
+
+    rows = [["steps", result.get("steps")], ["final train loss", result.get("train_loss")],
+            ["val loss", result.get("eval_loss")], ["tokens/s", result.get("tokens_per_second")],
+            ["trainable params", result.get("trainable_params")], ["device", where],
+            ["resumed from", result.get("resumed_from") or "-"]]
+    publish("train-summary", f"## train {label(cfg)}\n\n{table(['', 'value'], rows)}\n\n"
+            f"Adapter: `adapter/` of {mlflow_link(paths, run_id)}", f"loss summary, train {label(cfg)}")
+    return result

@@ -28,6 +28,8 @@ class Tracker(Protocol):
 
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
 
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None: ...
+
 
 class NullTracker:
     """Logs nothing: for unit tests and for stages run without tracking."""
@@ -47,6 +49,9 @@ class NullTracker:
         pass
 
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        pass
+
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
         pass
 
 
@@ -79,14 +84,21 @@ class MlflowTracker:
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        # Keys already logged to this run: read once, then kept up to date here, so a stage that
+        # logs params in several calls costs one get_run, not one per call.
+        self._logged: set[str] | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Log params not yet in the run (MLflow params are immutable: a resumed run skips the old ones)."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, _param_str(redact(k, v))) for k, v in params.items() if k not in existing]
+        if self._logged is None:
+            self._logged = set(self.client.get_run(self.run_id).data.params)
+        # Redact the string form: a dict or list value (config.data.fields) may hold a URI with a password.
+        fresh = [Param(k, redact(k, _param_str(v))) for k, v in params.items() if k not in self._logged]
         for i in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+        self._logged.update(p.key for p in fresh)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time
@@ -122,6 +134,13 @@ class MlflowTracker:
 
         dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}))
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table artifact (columns of equal length) the UI shows in its evaluation view."""
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
 
 
 def _param_str(v: Any) -> str:
@@ -161,10 +180,44 @@ def experiment_id(cl: Any, name: str, paths: Paths) -> str:
 
 
 def start_run(paths: Paths, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> MlflowTracker:
-    """Open a new MLflow run and return a tracker bound to it (end it with ``finish``)."""
+    """Open a new MLflow run, log the software and device it runs on, and return a tracker bound
+    to it (end it with ``finish``)."""
     cl = client(paths)
-    run = cl.create_run(experiment_id(cl, experiment, paths), run_name=run_name, tags=tags or {})
-    return MlflowTracker(cl, run.info.run_id)
+    run = cl.create_run(experiment_id(cl, experiment, paths), run_name=run_name,
+                        tags={k: str(redact(k, v)) for k, v in (tags or {}).items()})
+    tracker = MlflowTracker(cl, run.info.run_id)
+    tracker.log_params(system_params())
+    return tracker
+
+
+SYSTEM_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "mlflow", "datasets", "accelerate")
+
+
+def system_params() -> dict[str, str]:
+    """``sys_<package>`` versions, ``sys_python``, ``sys_device``: what a result depends on besides
+    data, code and knobs (a loss that moves with a torch upgrade is explained here)."""
+    import importlib.metadata as md
+    import platform
+
+    params = {"sys_python": platform.python_version(), "sys_platform": f"{platform.system()}-{platform.machine()}"}
+    for package in SYSTEM_PACKAGES:
+        try:
+            params[f"sys_{package}"] = md.version(package)
+        except md.PackageNotFoundError:
+            params[f"sys_{package}"] = "not installed"
+    params["sys_device"] = _device()
+    return params
+
+
+def _device() -> str:
+    """``cuda:<name> x<count>`` or ``cpu`` (torch is imported by every stage that trains anyway)."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"cpu x{os.cpu_count()}"
 
 
 def resume(paths: Paths, run_id: str) -> MlflowTracker:

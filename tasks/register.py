@@ -1,4 +1,4 @@
-"""register: log the merged model to MLflow, register a version, gate it to champion.
+"""register: log the model to MLflow (merged, or adapter + pinned base), register a version, gate it.
 
 A new version gets the alias ``challenger``; it becomes ``champion`` when it beats the current
 champion on ``register.gate_metric`` by ``register.min_delta`` (or when there is none).
@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from loraflow import registry, tracking
+from loraflow import modeling, registry, tracking
+from loraflow.adapters import require_adapter
 from loraflow.atomic import write_json
 from loraflow.config import Config
 from loraflow.errors import ModelError
+from loraflow.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from loraflow.lineage import lineage_key, lineage_tags, read_report
 from loraflow.paths import Paths
 from loraflow.tracking import NullTracker, Tracker
 
-ALPACA_INFERENCE_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+# The registered model renders requests with the very templates training rendered with.
+ALPACA_INFERENCE_TEMPLATE = ALPACA_NO_INPUT.replace("{instruction}", "{prompt}")
 
 
 @dataclass
@@ -43,6 +47,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     evaluation, merge = read_report(paths, "evaluate"), read_report(paths, "merge")
     if not evaluation or not merge or not (paths.merged / "config.json").exists():
         raise ModelError("register: no evaluated, merged model found; run `loraflow stage merge` first")
+    if cfg.register.log == "adapter":
+        require_adapter(paths)
     name = cfg.register.model_name
     tags = lineage_tags(cfg, paths)
     key = lineage_key(cfg, tags)
@@ -58,16 +64,22 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
 
     if tracker.run_id is None:
         tracker = tracking.start_run(paths, name, "register")
-    model_uri = _log_model(cfg, paths, tracker.run_id)
-    version = _register(cl, name, model_uri, tracker.run_id, {**tags, "lineage_key": key})
-    registry.move_alias(cl, name, version, registry.CHALLENGER)
-
+    model_uri, model_tags = _log_model(cfg, paths, tracker.run_id)
     metric = cfg.register.gate_metric
     new_value = evaluation.get("tuned", {}).get(metric)
-    champ = registry.alias_version(cl, name, registry.CHAMPION)
-    decision = registry.gate(metric, new_value, _gate_value(cl, name, champ, metric), champ, cfg.register.min_delta)
-    if decision.promote:
-        registry.move_alias(cl, name, version, registry.CHAMPION)
+    # eval_<metric> goes on with the version, so a concurrent gate can already compare against it.
+    version = _register(cl, name, model_uri, tracker.run_id,
+                        {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
+
+    # Two pipelines registering under one name at once: both read "no champion" and both promote,
+    # unless reading the champion, comparing and moving the alias happen under one lock.
+    with registry.gate_lock(cl, name):
+        registry.move_alias(cl, name, version, registry.CHALLENGER)
+        champ = registry.alias_version(cl, name, registry.CHAMPION)
+        decision = registry.gate(metric, new_value, _gate_value(cl, name, champ, metric), champ,
+                                 cfg.register.min_delta)
+        if decision.promote:
+            registry.move_alias(cl, name, version, registry.CHAMPION)
     gate_tags = {
         "gate_decision": "promoted" if decision.promote else "kept",
         "gate_reason": decision.reason,
@@ -78,7 +90,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
         f"eval_{metric}": _fmt(new_value),
     }
     for k, v in gate_tags.items():
-        registry._retry(lambda k=k, v=v: cl.set_model_version_tag(name, version, k, v))
+        registry.retry(lambda k=k, v=v: cl.set_model_version_tag(name, version, k, v))
     tracker.set_tags({"registered_model": f"{name}/{version}", "gate_decision": gate_tags["gate_decision"]})
 
     aliases = [registry.CHALLENGER] + ([registry.CHAMPION] if decision.promote else [])
@@ -92,53 +104,99 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     return result
 
 
-def _log_model(cfg: Config, paths: Paths, run_id: str) -> str:
-    """Log the merged model with the transformers flavor; returns its runs:/ URI."""
+def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[str, dict[str, str]]:
+    """Log the model as a pyfunc (``loraflow/pyfunc_model.py``); returns its URI and version tags.
+
+    ``register.log: merged`` ships ``outputs/merged`` as an artifact: the folder merge wrote is
+    copied as it is, not loaded and serialized again. ``adapter`` ships only the adapter plus a
+    pinned reference to the base (a local folder's weights sha256, a hub id's commit), so a 7B
+    base is not copied into every version. Both answer the same requests the same way.
+    """
     import importlib.metadata as md
 
     import mlflow
-    from huggingface_hub import ModelCard
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    fmt = read_report(paths, "prepare").get("format")
-    template = ALPACA_INFERENCE_TEMPLATE if fmt == "alpaca" else None
-    example = "What is the opposite of hot?" if template else "Hello"
+    from loraflow import pyfunc_model
+
+    fmt = read_report(paths, "prepare").get("format") or "completion"
+    config: dict[str, Any] = {
+        "kind": cfg.register.log,
+        "format": fmt,
+        "templates": {"with_input": ALPACA_WITH_INPUT, "no_input": ALPACA_NO_INPUT},
+        "max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    packages = ["torch", "transformers", "tokenizers", "safetensors", "accelerate", "pandas", "mlflow"]
+    extra_tags: dict[str, str] = {"model_kind": cfg.register.log}
+    if cfg.register.log == "adapter":
+        require_adapter(paths)
+        config["base"] = base_reference(cfg, paths)
+        artifacts = {"adapter": str(paths.adapter)}
+        packages += ["peft"] + (["bitsandbytes"] if modeling.uses_4bit(cfg, paths) else [])
+        extra_tags |= {"base_location": config["base"]["location"], "base_sha256": config["base"].get("sha256", ""),
+                       "base_pinned_revision": config["base"].get("revision") or ""}
+    else:
+        artifacts = {"model": str(paths.merged)}
     # Explicit requirements: inference would import torchvision to guess them (TRAPS.md 7).
-    reqs = [f"{p}=={md.version(p)}" for p in ("torch", "transformers", "tokenizers", "safetensors", "accelerate")]
-    card = ModelCard(f"---\nlibrary_name: transformers\n---\n# {cfg.register.model_name}\n\n"
-                     f"LoRA ({cfg.method}, r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) fine-tune of "
-                     f"{cfg.model.base}, merged by loraflow.\n")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # mlflow's local-checkpoint path mode breaks on transformers 5 (pipeline impl is a string),
-    # so log the loaded components; the merged model is full precision and already on disk.
-    model = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(paths.merged)
+    reqs = [f"{p}=={md.version(p)}" for p in packages]
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "input", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_new_tokens)]),
+    )
+    example = pd.DataFrame({"prompt": ["What is the opposite of hot?" if fmt == "alpaca" else "Hello"]})
     uri = tracking.tracking_uri(paths)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
+        info = mlflow.pyfunc.log_model(
             name="model",
-            task="text-generation",
+            python_model=str(Path(pyfunc_model.__file__)),  # "models from code": no pickle of our classes
+            artifacts=artifacts,
+            model_config=config,
+            signature=signature,
             input_example=example,
             pip_requirements=reqs,
-            prompt_template=template,
-            model_config={"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False},
-            model_card=card,
+            metadata={"loraflow_kind": cfg.register.log, "base_model": cfg.model.base},
         )
-    return info.model_uri
+    return info.model_uri, extra_tags
+
+
+def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:
+    """Where the adapter's base is and which exact weights: a local folder's sha256, a hub commit."""
+    where = modeling.base_location(cfg, paths)
+    if Path(where).exists():
+        from loraflow.pyfunc_model import weights_sha256
+
+        return {"source": "local", "location": str(Path(where).resolve()), "sha256": weights_sha256(where),
+                "revision": ""}
+    return {"source": "hub", "location": where, "revision": _hub_commit(where, cfg.model.revision) or "",
+            "sha256": ""}
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub revision resolves to, from the local cache (no network); else the revision."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
+    except Exception:  # not cached: pin what the config names
+        print(f"    warning: {repo_id} is not in the local hub cache; recording revision {revision or 'main'} "
+              "unresolved (set model.revision to a commit to pin it)", file=sys.stderr)
+        return revision
 
 
 def _register(cl: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        registry._retry(lambda: cl.create_registered_model(name))
+        registry.retry(lambda: cl.create_registered_model(name))
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    mv = registry._retry(lambda: cl.create_model_version(name, model_uri, run_id=run_id, tags=tags))
+    mv = registry.retry(lambda: cl.create_model_version(name, model_uri, run_id=run_id, tags=tags))
     return str(mv.version)
 
 

@@ -29,6 +29,9 @@ def _stage_outputs(paths: Paths, model_dir, exact_match: float, digest: str = "d
 @pytest.fixture
 def project(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The code digest hashes loraflow/ and tasks/, which may change while the suite runs in a
+    # shared checkout; "same code" is what this test means, so hold it still.
+    monkeypatch.setattr("loraflow.lineage.code_digest", lambda: "code-digest-under-test")
     return Paths.at(tmp_path)
 
 
@@ -71,13 +74,103 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     assert (old, new) == ("3", "1")
     assert registry.alias_version(cl, "demo", "champion") == "1"
 
-    # The champion loads with MLflow's own API and generates text.
+    # The champion loads with MLflow's own API and generates what the merged folder generates.
     import mlflow
+    import pandas as pd
 
     mlflow.set_tracking_uri(tracking.tracking_uri(paths))
     model = mlflow.pyfunc.load_model("models:/demo@champion")
-    out = model.predict(["What is the opposite of hot?"])
-    assert isinstance(out[0], str)
+    out = model.predict(pd.DataFrame({"prompt": ["What is the opposite of hot?", "Is 37 even or odd?"]}))
+    assert out == _reference_generate(tiny_llama, None, ["What is the opposite of hot?", "Is 37 even or odd?"])
+    assert len(out) == 2 and all(isinstance(o, str) for o in out) and any(out)
+    meta = model.metadata
+    assert meta.signature is not None and [c.name for c in meta.signature.inputs.inputs] == ["prompt", "input"]
+    assert meta.saved_input_example_info is not None
+
+
+def _adapter(tmp_path, base_dir):
+    """A real LoRA adapter folder as the train stage writes it (B non-zero, so it changes outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path / "outputs" / "adapter"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    write_json(out / "loraflow_train.json", {"method": "lora", "base_model": str(base_dir), "quantization": None,
+                                             "compute_dtype": "float32"})
+    return out
+
+
+def _reference_generate(base_dir, adapter_dir, instructions, inputs=None):
+    """What the evaluate stage generates: prompts rendered by loraflow.formats, greedy_generate."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraflow.formats import render_prompt
+    from loraflow.generation import greedy_generate
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    tok = AutoTokenizer.from_pretrained(adapter_dir or base_dir)
+    inputs = inputs or [""] * len(instructions)
+    prompts = [render_prompt({"instruction": i, "input": x}, "alpaca", {}) for i, x in zip(instructions, inputs)]
+    return greedy_generate(model.eval(), tok, prompts, 32, 4)  # eval.max_new_tokens default
+
+
+def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_path, tiny_llama, monkeypatch):
+    """register.log=adapter: adapter + base reference (sha256 of a local base), not a base copy."""
+    import mlflow
+    import pandas as pd
+    from safetensors.torch import load_file, save_file
+
+    import tasks.register
+    from loraflow.pyfunc_model import weights_sha256
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = Paths.at(tmp_path)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    adapter = _adapter(tmp_path, base)
+    cfg = load_config(None, [f"model.base={base}", "register.model_name=ad", "register.log=adapter", "method=lora"])
+    _stage_outputs(paths, tiny_llama, exact_match=0.5)
+    result = tasks.register.run(cfg, paths)
+    assert result.decision == "promoted"
+
+    cl = tracking.client(paths)
+    mv = cl.get_model_version("ad", result.version)
+    assert mv.tags["model_kind"] == "adapter" and mv.tags["base_sha256"] == weights_sha256(base)
+    # The version holds the adapter, not the base: no full weight file in the logged model.
+    logged = {a.path for a in cl.list_artifacts(result.run_id, "model/artifacts/adapter")}
+    assert any(p.endswith("adapter_model.safetensors") for p in logged)
+    assert not any(p.endswith("/model.safetensors") for p in logged)
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    model = mlflow.pyfunc.load_model("models:/ad@champion")
+    instructions, inputs = ["What is the opposite of hot?", "Is the number even or odd?"], ["", "37"]
+    out = model.predict(pd.DataFrame({"prompt": instructions, "input": inputs}))
+    assert out == _reference_generate(base, adapter, instructions, inputs)
+    assert out != _reference_generate(base, None, instructions, inputs)  # the adapter is applied
+    # The same bytes as training: rendering through the registered model == loraflow.formats.
+    from loraflow.formats import render_prompt
+
+    py = model.unwrap_python_model()
+    assert py.render({"prompt": "Name it.", "input": "x"}) == render_prompt(
+        {"instruction": "Name it.", "input": "x"}, "alpaca", {})
+    assert py.render({"prompt": "Name it."}) == tasks.register.ALPACA_INFERENCE_TEMPLATE.format(prompt="Name it.")
+
+    # Other weights under the same base path are refused on load, naming both digests.
+    weights = base / "model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="differ from the registered"):
+        mlflow.pyfunc.load_model("models:/ad@champion")
 
 
 def test_gate_directions():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from loraflow.config import Config
 from loraflow.errors import ModelError
-from loraflow.modeling import compute_dtype, ensure_pad_token, load_model, load_tokenizer, uses_4bit
+from loraflow.modeling import (
+    compute_dtype,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    refuse_pickle_only,
+    uses_4bit,
+)
 from loraflow.paths import Paths
 
 
@@ -29,7 +36,7 @@ def load_tuned(cfg: Config, paths: Paths):
     """The base as train loaded it (4-bit with the repack disabled, or the compute dtype) + the adapter."""
     quantized = uses_4bit(cfg, paths)
     base = load_model(cfg, paths, quantized=quantized, dtype=None if quantized else compute_dtype(cfg))
-    return attach_adapter(to_accelerator(base), paths)
+    return attach_adapter(to_accelerator(base), paths, cfg.model.allow_pickle)
 
 
 def to_accelerator(model):
@@ -41,10 +48,14 @@ def to_accelerator(model):
     return model
 
 
-def attach_adapter(base, paths: Paths):
-    """``paths.adapter`` on ``base``, inference only (eval mode: no LoRA dropout, nothing trainable)."""
+def attach_adapter(base, paths: Paths, allow_pickle: bool = False):
+    """``paths.adapter`` on ``base``, inference only (eval mode: no LoRA dropout, nothing trainable).
+
+    An adapter saved only as ``adapter_model.bin`` (a pickle) is refused unless ``allow_pickle``.
+    """
     from peft import PeftModel
 
+    refuse_pickle_only(paths.adapter, allow_pickle, "adapter", ("adapter_model",))
     try:
         model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -37,6 +37,11 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model. Only for models you trust."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Also load pickle weights (pytorch_model.bin, adapter_model.bin) when a model or adapter has "
+        "no safetensors. A pickle can run code when loaded: only for files you trust.",
+    )
 
 
 class DataSection(Section):
@@ -56,6 +61,11 @@ class DataSection(Section):
     val_fraction: float = Field(0.1, description="Share of records in the validation split.")
     test_fraction: float = Field(0.1, description="Share of records in the test split.")
     max_length: int = Field(256, description="Max tokens of prompt + answer + EOS.")
+    max_record_bytes: int = Field(
+        1_000_000,
+        description="Largest record, in bytes of its JSONL line or of its rendered prompt + answer; a longer "
+        "one is a bad record (too_long), never parsed or tokenized.",
+    )
     seed: int = Field(0, description="Salt of the content hash that assigns records to splits.")
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first bad record (file:line); skip: drop and count it."
@@ -73,6 +83,13 @@ class DataSection(Section):
     def _max_length(cls, v: int) -> int:
         if v < 8:
             raise ValueError(f"must be at least 8 tokens, got {v}")
+        return v
+
+    @field_validator("max_record_bytes")
+    @classmethod
+    def _max_record_bytes(cls, v: int) -> int:
+        if v < 1024:
+            raise ValueError(f"must be at least 1024 bytes, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """Load the base model and tokenizer: one code path for a local folder and a hub id.
 
 QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes; LoRA keeps it in full precision.
-Weights load from safetensors only (a pickle can run code on load).
+Weights load from safetensors only (a pickle can run code on load) unless ``model.allow_pickle``;
+code shipped with a model runs only with ``model.trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraflow.config import Config, ModelSection
-from loraflow.errors import ModelError
+from loraflow.errors import ConfigError, ModelError
 from loraflow.paths import Paths
 
 if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
@@ -99,14 +100,54 @@ def load_tokenizer(cfg: Config, paths: Paths) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     where = base_location(cfg, paths)
+    check_max_length(cfg, where)
+    if Path(where).is_dir() and not any((Path(where) / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"model.base: {where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "into the model folder (tokenizer.save_pretrained(folder))"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(
             where, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as e:
+        if _is_remote_code_error(e):
+            raise _remote_code_error(where, "tokenizer") from None
         raise ModelError(f"model.base: cannot load a tokenizer from {where} ({_first_line(e)})") from None
     ensure_pad_token(tok)
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# config.json keys that hold how many positions a model has, by architecture family.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(cfg: Config, where: str) -> tuple[int, str] | None:
+    """(positions, the config key that says so) from the base's config.json, read as data (no code runs)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(where, revision=cfg.model.revision)
+    except (OSError, ValueError):
+        return None  # loading the model reports it
+    for key in POSITION_KEYS:
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def check_max_length(cfg: Config, where: str) -> None:
+    """``data.max_length`` must fit the model's positions: past them a model either crashes or silently
+    computes garbage (positions it was never trained on)."""
+    found = max_positions(cfg, where)
+    if found is not None and cfg.data.max_length > found[0]:
+        n, key = found
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length} tokens is more than model.base supports ({key} = {n} in "
+            f"{where}); set -s data.max_length={n} or less"
+        )
 
 
 def ensure_pad_token(tok: "PreTrainedTokenizerBase") -> None:
@@ -125,10 +166,14 @@ def load_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     where = base_location(cfg, paths)
+    allow_pickle = cfg.model.allow_pickle
+    if Path(where).is_dir():
+        refuse_pickle_only(Path(where), allow_pickle, "model.base", WEIGHT_FILES)
     kwargs: dict = dict(
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
-        use_safetensors=True,
+        # None: safetensors when the model has them, else the pickle (only with model.allow_pickle).
+        use_safetensors=None if allow_pickle else True,
     )
     if quantized:
         cdtype = compute_dtype(cfg)
@@ -146,11 +191,50 @@ def load_model(
         kwargs["dtype"] = dtype or torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except OSError as e:
-        raise ModelError(f"model.base: cannot load weights from {where} ({_first_line(e)})") from None
+    except (OSError, ValueError) as e:
+        if _is_remote_code_error(e):
+            raise _remote_code_error(where, "model") from None
+        hint = "" if allow_pickle else "; a hub model with only pickle weights needs model.allow_pickle: true"
+        raise ModelError(f"model.base: cannot load weights from {where} ({_first_line(e)}){hint}") from None
     if quantized:
         disable_cpu_repack(model)
     return model
+
+
+# Pickle files a model or adapter folder may hold instead of safetensors (torch.save / pickle formats).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+WEIGHT_FILES = ("pytorch_model", "model")  # stems of a base model's weight files (sharded: pytorch_model-00001-...)
+
+
+def refuse_pickle_only(folder: Path, allow_pickle: bool, key: str, stems: tuple[str, ...]) -> None:
+    """A clear refusal when ``folder`` holds its weights only as pickles and ``model.allow_pickle`` is off.
+
+    A pickle runs arbitrary code when unpickled; safetensors cannot. A folder with safetensors loads
+    them (and ignores any pickle next to them) either way.
+    """
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(
+        p.name for p in folder.iterdir()
+        if p.suffix in PICKLE_SUFFIXES and p.name.startswith(stems) and p.name != "training_args.bin"
+    )
+    if pickles:
+        raise ModelError(
+            f"{key}: {folder} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle: true if you trust the file"
+        )
+
+
+def _is_remote_code_error(e: BaseException) -> bool:
+    text = str(e)
+    return "trust_remote_code" in text or "custom code" in text
+
+
+def _remote_code_error(where: str, what: str) -> ModelError:
+    return ModelError(
+        f"model.base: the {what} at {where} ships its own Python code, which loraflow runs only with "
+        "model.trust_remote_code: true; set it only if you trust that code, or use a model transformers supports natively"
+    )
 
 
 def disable_cpu_repack(model: "torch.nn.Module") -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,20 @@ class Row:
 
 
 def find_source(path: str, root: Path) -> Source:
-    """Resolve ``data.path`` (relative to ``root``) to a local file, a folder, or a hub dataset name."""
+    """Resolve ``data.path`` (relative to ``root``) to a local file, a folder, or a hub dataset name.
+
+    A relative path must stay inside the project: ``../x.jsonl`` is refused (DVC tracks only files
+    inside the repository, and the pipeline would silently depend on where the checkout sits). Data
+    elsewhere is allowed when named explicitly, by an absolute path.
+    """
     given = Path(path).expanduser()
+    if not given.is_absolute() and ".." in given.parts:
+        inside = os.path.normpath(root / given)
+        if os.path.commonpath([inside, os.path.normpath(root)]) != os.path.normpath(root):
+            raise DataError(
+                f"data.path: {path} points outside the project ({root}); move the data into the project "
+                f"(DVC tracks only files inside it), or give its absolute path {inside} if you mean that file"
+            )
     local = given if given.is_absolute() else root / given
     display = path if not given.is_absolute() else str(local)
     if local.is_dir():
@@ -82,10 +95,15 @@ def find_source(path: str, root: Path) -> Source:
     return Source("hub", path, path)
 
 
-def read_records(source: Source, split: str = "train") -> Iterator[Row]:
-    """Yield every record of ``source`` in file order. ``split`` picks a DatasetDict's or hub split."""
+def read_records(source: Source, split: str = "train", max_bytes: int | None = None) -> Iterator[Row]:
+    """Yield every record of ``source`` in file order. ``split`` picks a DatasetDict's or hub split.
+
+    ``max_bytes``: a JSONL line longer than this is yielded as a ``too_long`` bad record without being
+    parsed (nor held in memory whole); other sources are checked by the caller once rendered.
+    """
+    if source.kind == "jsonl":
+        return _jsonl(source, split, max_bytes)
     reader = {
-        "jsonl": _jsonl,
         "json": _json,
         "csv": _csv,
         "parquet": _parquet,
@@ -93,6 +111,14 @@ def read_records(source: Source, split: str = "train") -> Iterator[Row]:
         "hub": _hub,
     }[source.kind]
     return reader(source, split)
+
+
+def too_long(size: int, max_bytes: int) -> BadRecord:
+    return BadRecord(
+        "too_long",
+        f"the record is {size:,} bytes, over data.max_record_bytes ({max_bytes:,})",
+        "split or shorten it, or raise data.max_record_bytes",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +139,32 @@ def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> BadRecord:
     )
 
 
-def _jsonl(source: Source, split: str) -> Iterator[Row]:
-    for n, raw in _lines(source.location):
+def _capped_lines(path: str, max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size) per line; bytes is None for a line over ``max_bytes`` (read past, never kept)."""
+    with open(path, "rb") as fh:
+        n = 0
+        while raw := fh.readline(max_bytes + 1):
+            n += 1
+            if n == 1:
+                raw = raw.removeprefix(BOM)
+            if len(raw) <= max_bytes or raw.endswith(b"\n") and len(raw.rstrip(b"\r\n")) <= max_bytes:
+                yield n, raw, len(raw)
+                continue
+            size = len(raw)
+            while not raw.endswith(b"\n") and (raw := fh.readline(1 << 20)):
+                size += len(raw)
+            yield n, None, size - 1 if raw.endswith(b"\n") else size
+
+
+def _jsonl(source: Source, split: str, max_bytes: int | None = None) -> Iterator[Row]:
+    lines = _capped_lines(source.location, max_bytes) if max_bytes else (
+        (n, raw, len(raw)) for n, raw in _lines(source.location)
+    )
+    for n, raw, size in lines:
         where = f"{source.display}:{n}"
+        if raw is None:
+            yield Row(where, None, too_long(size, max_bytes))
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:

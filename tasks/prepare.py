@@ -28,7 +28,7 @@ from loraflow.formats import BadRecord, check_fields, detect_format, render
 from loraflow.modeling import load_tokenizer
 from loraflow.paths import Paths
 from loraflow.prepared import SPLITS
-from loraflow.readers import find_source, read_records
+from loraflow.readers import find_source, read_records, too_long
 
 # Every reason a record can be dropped for; the report lists them all (zeros too) so that
 # `dvc metrics diff` compares the same keys from run to run.
@@ -42,6 +42,7 @@ REASONS = (
     "invalid_chat",
     "answer_truncated",
     "duplicate",
+    "too_long",
 )
 PERCENTILES = (50, 90, 99)
 TOKENIZE_BATCH = 512
@@ -93,7 +94,7 @@ def run(cfg: Config, paths: Paths) -> PrepareResult:
     fmt = None if data.format == "auto" else data.format
     unique: dict[str, Example] = {}
     read = 0
-    for row in read_records(source, data.split):
+    for row in read_records(source, data.split, data.max_record_bytes):
         read += 1
         if row.bad is not None:
             bad(row.where, row.bad)
@@ -104,6 +105,10 @@ def run(cfg: Config, paths: Paths) -> PrepareResult:
             prompt, completion = render(row.record, fmt, data.fields, tokenizer)
         except BadRecord as err:
             bad(row.where, err)
+            continue
+        size = len(prompt.encode("utf-8")) + len(completion.encode("utf-8"))
+        if size > data.max_record_bytes:  # before tokenizing: a 50 MB field would take minutes
+            bad(row.where, too_long(size, data.max_record_bytes))
             continue
         key = content_key(prompt, completion)
         if key in unique:

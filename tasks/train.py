@@ -112,7 +112,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     else:
         bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.LossBar))
         try:
-            output = trainer.train(resume_from_checkpoint=resume.checkpoint)
+            with training.out_of_memory_as_error(cfg, paths, method, trainer):  # one line with advice, not a crash
+                output = trainer.train(resume_from_checkpoint=resume.checkpoint)
         finally:
             bar.close()
         train_seconds = float(output.metrics.get("train_runtime") or 0.0)
@@ -122,7 +123,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     eval_loss = None
     if val_rows:
         # Safe on the 4-bit model: load_model turned the CPU repack off (TRAPS 1).
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        with training.out_of_memory_as_error(cfg, paths, method):
+            eval_loss = float(trainer.evaluate()["eval_loss"])
         training.say(f"eval_loss {eval_loss:.4f} on {len(val_rows)} val examples")
         # "val_loss", not "eval_loss": that name is the evaluate stage's test-split metric in the same run.
         tracker.log_metrics({"val_loss": eval_loss}, step=steps)

@@ -1,0 +1,136 @@
+"""Crash mid-training: `loraflow stage train` killed with SIGKILL after a checkpoint, then re-run.
+
+The re-run resumes from the checkpoint (step, optimizer, scheduler and RNG restored), ends at the
+same step, and its loss and learning-rate curve equals an uninterrupted run's. A checkpoint from
+another setup (data, LoRA config, quantization config) is never resumed: it is removed and
+training starts at step 0, with a line that names what changed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+
+import pytest
+
+from loraflow.config import load_config
+from loraflow.paths import Paths
+from tests.reliability.conftest import HANG, error_line, kill, run_cli, start, wait_for, write_params, write_prepared
+
+STEPS, SAVE, HANG_AT = 12, 4, 6
+TRAIN = {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": 1, "lr_scheduler": "cosine",
+         "warmup_ratio": 0.1, "batch_size": 4}
+LORA = {"dropout": 0.1}  # dropout draws random numbers: the resumed run matches only if the RNG is restored
+
+
+def curve(paths: Paths) -> dict[int, tuple[float, float]]:
+    with open(paths.train_log, newline="") as fh:
+        return {int(r["step"]): (float(r["loss"]), float(r["lr"])) for r in csv.DictReader(fh) if r["loss"]}
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tiny_llama, tmp_path):
+    import tasks.train
+
+    # the uninterrupted run, in-process (the same stage function the CLI calls)
+    ref_root = tmp_path / "ref"
+    write_prepared(ref_root)
+    ref_cfg = load_config(write_params(ref_root, tiny_llama, train=TRAIN, lora=LORA))
+    ref_paths = Paths.at(ref_root)
+    ref = tasks.train.run(ref_cfg, ref_paths)
+    assert ref.steps == STEPS
+
+    root = tmp_path / "crash"
+    write_prepared(root)
+    params = write_params(root, tiny_llama, train=TRAIN, lora=LORA)
+    paths = Paths.at(root)
+    mark = root / "hung-at-step"
+    child = HANG.format(module="tasks.train", event="on_step_end", step=HANG_AT, mark=str(mark),
+                        argv=["stage", "train", "-c", str(params)])
+    proc = start([sys.executable, "-c", child], root, tmp_path / "killed.log")
+    try:
+        ckpt = paths.checkpoints / f"checkpoint-{SAVE}"
+        wait_for(lambda: (ckpt / "trainer_state.json").exists() and mark.exists(), proc, 240, tmp_path / "killed.log",
+                 f"checkpoint-{SAVE} and step {HANG_AT}")
+    finally:
+        assert kill(proc) == -9
+    assert not paths.adapter.exists() and not paths.report("train").exists()  # nothing published by the dead run
+    assert sorted(p.name for p in paths.checkpoints.glob("checkpoint-*")) == [f"checkpoint-{SAVE}"]
+
+    # the same stage again: resumes from step 4 and redoes 5..12
+    r = run_cli(root, "stage", "train", "-c", str(params))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"resuming from outputs/checkpoints/checkpoint-{SAVE} (step {SAVE} of {STEPS})" in r.stderr
+    report = json.loads(paths.report("train").read_text())
+    assert report["steps"] == STEPS and report["resumed_from"] == f"outputs/checkpoints/checkpoint-{SAVE}"
+
+    got, want = curve(paths), curve(ref_paths)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        (loss, lr), (ref_loss, ref_lr) = got[step], want[step]
+        assert lr == pytest.approx(ref_lr, rel=1e-6), (step, lr, ref_lr)  # the scheduler continued, not restarted
+        assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-5), (step, loss, ref_loss)
+    assert report["train_loss"] == pytest.approx(ref.train_loss, rel=1e-4)
+
+    # the adapter equals the uninterrupted run's (optimizer moments restored: Adam without them drifts)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(p / "adapter_model.safetensors") for p in (paths.adapter, ref_paths.adapter))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def _checkpointed(root, tiny_llama, **sections):
+    """A finished 3-step run whose last checkpoint is kept (what a re-run would find)."""
+    import tasks.train
+
+    write_prepared(root)
+    cfg = load_config(write_params(root, tiny_llama, train={"max_steps": 3, "save_steps": 3}, **sections))
+    tasks.train.run(cfg, Paths.at(root))
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["data", "lora.r", "lora.target_modules", "quantization.double_quant",
+                                    "quantization.quant_type"])
+def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_factory, change, request):
+    """What the code does today, on purpose: the old checkpoint is removed and training starts at step 0
+    with a note naming what changed. Refusing instead would break `dvc exp run -S lora.r=...`, which re-runs
+    train in a work tree whose checkpoints come from the previous setup."""
+    from loraflow import training
+    from loraflow.digest import file_md5
+
+    # one trained project per session, copied per case (training it is the slow part)
+    cache = request.config.cache
+    root0 = tmp_path_factory.getbasetemp() / "resume-base"
+    if not (root0 / "outputs" / "checkpoints" / "checkpoint-3").exists():
+        _checkpointed(root0, tiny_llama)
+    root = tmp_path_factory.mktemp("resume")
+    shutil.copytree(root0, root, dirs_exist_ok=True)
+    paths = Paths.at(root)
+    cfg = load_config(root / "params.yaml")
+    targets = json.loads((paths.checkpoints / training.FINGERPRINT_FILE).read_text())["lora.target_modules"]
+    digest = file_md5(paths.split("train"))
+
+    same = training.plan_resume(paths, training.fingerprint(cfg, targets, "qlora", digest), 5)
+    assert same.checkpoint and same.step == 3  # the unchanged setup resumes
+
+    section, _, key = change.partition(".")
+    if change == "data":
+        with open(paths.split("train"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"id": "new", "prompt": "Q?\n", "completion": "A"}) + "\n")
+        digest = file_md5(paths.split("train"))
+    else:
+        value = {"r": 4, "target_modules": "attention-qv", "double_quant": False, "quant_type": "fp4"}[key]
+        sec = getattr(cfg, section).model_copy(update={key: value})
+        cfg = cfg.model_copy(update={section: sec})
+        if key == "target_modules":
+            targets = ["q_proj", "v_proj"]
+    resume = training.plan_resume(paths, training.fingerprint(cfg, targets, "qlora", digest), 5)
+    named = {"data": "data.train_md5", "quantization.double_quant": "quantization",
+             "quantization.quant_type": "quantization"}.get(change, change)
+    assert resume.checkpoint is None and resume.step == 0
+    assert f"is from another setup ({named} changed); starting at step 0" in resume.note
+    assert not list(paths.checkpoints.glob("checkpoint-*"))  # removed: never mixed into the new run

@@ -1,0 +1,124 @@
+"""Hostile files: pickle weights are refused unless model.allow_pickle; code shipped with a model
+runs only with model.trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraflow.config import load_config
+from loraflow.errors import ModelError
+from loraflow.paths import Paths
+from tests.reliability.conftest import cli_in_process, error_line, write_params, write_prepared
+
+
+def pickle_only_base(tiny: Path, dest: Path) -> Path:
+    """The tiny model with its weights as pytorch_model.bin (torch.save: a pickle) and no safetensors."""
+    from safetensors.torch import load_file
+
+    dest.mkdir()
+    for f in tiny.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dest / f.name)
+    torch.save(load_file(tiny / "model.safetensors"), dest / "pytorch_model.bin")
+    return dest
+
+
+@pytest.mark.slow
+def test_a_base_with_only_pickle_weights_is_refused_unless_allowed(tiny_llama, tmp_path):
+    from loraflow import modeling
+
+    base = pickle_only_base(tiny_llama, tmp_path / "pickled")
+    write_prepared(tmp_path / "p")
+    write_params(tmp_path / "p", base)
+    with cli_in_process(tmp_path / "p") as cli:
+        rc, err = cli("stage", "train", "-s", f"register.model_name=pickle-{tmp_path.name}")
+    assert rc == 2
+    msg = error_line(err)
+    assert f"model.base: {base} has only pickle weights (pytorch_model.bin), which can run code when loaded" in msg
+    assert "set model.allow_pickle: true if you trust the file" in msg
+    assert not Paths.at(tmp_path / "p").adapter.exists()
+
+    # allowed on purpose: the same weights as the safetensors original
+    paths = Paths.at(tmp_path / "p")
+    allowed = load_config(None, [f"model.base={base}", "model.allow_pickle=true"])
+    model = modeling.load_model(allowed, paths, quantized=False)
+    reference = modeling.load_model(load_config(None, [f"model.base={tiny_llama}"]), paths, quantized=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # safetensors next to a pickle: the safetensors are used, nothing is refused
+    shutil.copy(tiny_llama / "model.safetensors", base / "model.safetensors")
+    modeling.load_model(load_config(None, [f"model.base={base}"]), paths, quantized=False)
+
+
+def test_an_adapter_with_only_a_pickle_is_refused_unless_allowed(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.adapters import load_tuned
+
+    root = tmp_path / "p"
+    write_prepared(root, n_train=8, n_test=4)
+    write_params(root, tiny_llama, method="lora")
+    paths = Paths.at(root)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(paths.adapter, safe_serialization=False)
+    assert sorted(p.name for p in paths.adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+
+    with cli_in_process(root) as cli:
+        rc, err = cli("stage", "evaluate")
+    assert rc == 2
+    msg = error_line(err)
+    assert f"adapter: {paths.adapter} has only pickle weights (adapter_model.bin)" in msg
+    assert not paths.report("evaluate").exists()
+
+    cfg = load_config(root / "params.yaml", ["model.allow_pickle=true"])
+    tuned = load_tuned(cfg, paths)
+    assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 4
+    with pytest.raises(ModelError, match="has only pickle weights"):
+        load_tuned(load_config(root / "params.yaml"), paths)
+
+
+def remote_code_base(tiny: Path, dest: Path, marker: Path) -> Path:
+    """A model folder whose config points at Python shipped with it; importing that file writes ``marker``."""
+    shutil.copytree(tiny, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(model_type="evil-llama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                    "AutoModelForCausalLM": "evil.EvilForCausalLM"})
+    (dest / "config.json").write_text(json.dumps(config))
+    (dest / "evil.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('the shipped code ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil-llama'\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    return dest
+
+
+@pytest.mark.slow
+def test_code_shipped_with_a_model_never_runs_without_trust_remote_code(tiny_llama, tmp_path):
+    from loraflow import modeling
+
+    marker = tmp_path / "EXECUTED"
+    base = remote_code_base(tiny_llama, tmp_path / "custom", marker)
+    root = tmp_path / "p"
+    write_prepared(root)
+    write_params(root, base)
+    with cli_in_process(root) as cli:
+        rc, err = cli("stage", "train", "-s", f"register.model_name=remote-{tmp_path.name}")
+    assert rc == 2
+    msg = error_line(err)
+    assert f"model.base: the model at {base} ships its own Python code" in msg
+    assert "model.trust_remote_code: true" in msg
+    assert not marker.exists()  # refused before a line of it ran
+
+    # the control: with trust_remote_code the same folder does run its code (so the test above means something)
+    trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
+    model = modeling.load_model(trusted, Paths.at(root), quantized=False)
+    assert marker.exists() and type(model).__name__ == "EvilForCausalLM"

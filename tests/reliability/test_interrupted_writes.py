@@ -1,0 +1,81 @@
+"""Interrupted writes: `loraflow stage merge` killed with SIGKILL while it writes the merged model.
+
+The previous outputs/merged stays byte-for-byte intact (what DVC hashes and register loads); the
+half-written file is left only in a hidden ``.merged.tmp-*`` sibling that no stage reads.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from loraflow.config import load_config
+from loraflow.digest import dataset_digest
+from loraflow.paths import Paths
+from tests.reliability.conftest import kill, start, wait_for, write_params, write_prepared
+
+# The child process: the real merge stage, whose safetensors write is cut off halfway and then held
+# there (the file on disk is half written), so that the test's kill -9 lands mid-write every time.
+CHILD = """
+import sys, time
+from pathlib import Path
+import transformers.modeling_utils as mu
+
+_save = mu.safe_save_file
+def half_then_hang(tensors, filename, metadata=None):
+    _save(tensors, filename, metadata=metadata)
+    data = Path(filename).read_bytes()
+    Path(filename).write_bytes(data[: len(data) // 2])
+    Path({mark!r}).write_text(str(filename))
+    while True:
+        time.sleep(1)
+mu.safe_save_file = half_then_hang
+
+from loraflow.cli import main
+sys.exit(main(["stage", "merge", "-c", {params!r}]))
+"""
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_merge_killed_mid_write_leaves_the_previous_merged_model_intact(tiny_llama, tmp_path):
+    import tasks.merge
+    import tasks.train
+
+    write_prepared(tmp_path, n_train=16, n_test=4)
+    params = write_params(tmp_path, tiny_llama, method="lora", train={"max_steps": 2})
+    cfg, paths = load_config(params), Paths.at(tmp_path)
+    tasks.train.run(cfg, paths)
+    tasks.merge.run(cfg, paths)
+    before, digest = snapshot(paths.merged), dataset_digest(paths.merged)
+    assert "model.safetensors" in before
+
+    mark = tmp_path / "half-written"
+    proc = start([sys.executable, "-c", CHILD.format(mark=str(mark), params=str(params))], tmp_path,
+                 tmp_path / "merge.log")
+    try:
+        wait_for(mark.exists, proc, 240, tmp_path / "merge.log", "the half-written safetensors")
+    finally:
+        assert kill(proc) == -9
+    half = mark.read_text()
+    assert f"/.merged.tmp-" in half  # it was writing into the temporary sibling, not into outputs/merged
+
+    assert snapshot(paths.merged) == before and dataset_digest(paths.merged) == digest
+    leftovers = list(paths.outputs.glob(".merged.tmp-*"))
+    assert len(leftovers) == 1 and not leftovers[0].samefile(paths.merged)
+
+    # what a later stage loads is the intact model (register loads outputs/merged like this)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
+    with pytest.raises(Exception):  # the half file is unreadable: good that nothing reads it
+        load_file(half)
+
+    # and merge runs again cleanly over the debris
+    tasks.merge.run(cfg, paths)
+    assert set(snapshot(paths.merged)) == set(before)

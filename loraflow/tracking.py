@@ -30,6 +30,8 @@ class Tracker(Protocol):
 
     def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None: ...
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+
 
 class NullTracker:
     """Logs nothing: for unit tests and for stages run without tracking."""
@@ -52,6 +54,9 @@ class NullTracker:
         pass
 
     def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
 
@@ -140,6 +145,7 @@ class MlflowTracker:
         self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (shown inline in the run's artifact view)."""
         self.client.log_figure(self.run_id, figure, artifact_file)
 
 
@@ -229,3 +235,29 @@ def finish(tracker: Tracker, ok: bool) -> None:
     """End the run as FINISHED or FAILED, so no orphan RUNNING run is left behind."""
     if isinstance(tracker, MlflowTracker):
         tracker.client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")
+
+
+def loss_figure(train_log: Path) -> Any | None:
+    """Train loss (and learning rate) per step from ``reports/train_log.csv`` as a matplotlib
+    figure, or None without matplotlib or a log. No pyplot: no GUI backend, no global state."""
+    import csv
+
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if not Path(train_log).exists():
+        return None
+    with Path(train_log).open(encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("loss") and r.get("step")]
+    if not rows:
+        return None
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker=".", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.set_title("train loss")
+    fig.tight_layout()
+    return fig

@@ -23,9 +23,11 @@ from loraflow.generation import completion_loss, greedy_generate
 from loraflow.paths import Paths
 from loraflow.prepared import load_split
 from loraflow.textmetrics import exact_match, mean, token_f1
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.tracking import NullTracker, Tracker, loss_figure
 
 LOSS_METRICS = ("loss", "perplexity")
+SAMPLES_TABLE = "eval/samples.json"  # MLflow table artifact of reports/samples.jsonl
+LOSS_PLOT = "plots/train_loss.png"
 TEXT_METRICS = ("exact_match", "token_f1")
 
 
@@ -68,6 +70,17 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Evaluate
     )
     metrics = {f"eval_{k}": v for k, v in tuned.items()} | {f"base_eval_{k}": v for k, v in base.items()}
     tracker.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    if samples:  # the UI's evaluation view (Artifacts, "Evaluation" tab) compares rows across runs
+        refs = [r["completion"] for r in samples]
+        tracker.log_table({
+            "id": [r["id"] for r in samples], "prompt": [r["prompt"] for r in samples], "reference": refs,
+            "base_output": base_outputs, "tuned_output": tuned_outputs,
+            "tuned_exact_match": [exact_match(p, r) for p, r in zip(tuned_outputs, refs)],
+            "tuned_token_f1": [round(token_f1(p, r), 4) for p, r in zip(tuned_outputs, refs)],
+        }, SAMPLES_TABLE)
+    figure = loss_figure(paths.train_log)  # training is over: its loss curve as an image in the run
+    if figure is not None:
+        tracker.log_figure(figure, LOSS_PLOT)
     for name in cfg.eval.metrics:
         print(f"    {name:12s} base {_fmt(base.get(name))}  tuned {_fmt(tuned.get(name))}", file=sys.stderr)
     return EvaluateResult(base, tuned, len(samples), loss_tokens, str(paths.report("evaluate")), str(paths.samples))

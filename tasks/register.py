@@ -64,11 +64,11 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
 
     if tracker.run_id is None:
         tracker = tracking.start_run(paths, name, "register")
-    model_uri, model_tags = _log_model(cfg, paths, tracker.run_id)
+    info, model_tags = _log_model(cfg, paths, tracker.run_id)
     metric = cfg.register.gate_metric
     new_value = evaluation.get("tuned", {}).get(metric)
     # eval_<metric> goes on with the version, so a concurrent gate can already compare against it.
-    version = _register(cl, name, model_uri, tracker.run_id,
+    version = _register(cl, name, info, tracker.run_id,
                         {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
 
     # Two pipelines registering under one name at once: both read "no champion" and both promote,
@@ -104,8 +104,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     return result
 
 
-def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[str, dict[str, str]]:
-    """Log the model as a pyfunc (``loraflow/pyfunc_model.py``); returns its URI and version tags.
+def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, str]]:
+    """Log the model as a pyfunc (``loraflow/pyfunc_model.py``); returns its ModelInfo and version tags.
 
     ``register.log: merged`` ships ``outputs/merged`` as an artifact: the folder merge wrote is
     copied as it is, not loaded and serialized again. ``adapter`` ships only the adapter plus a
@@ -161,7 +161,7 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[str, dict[str, s
             pip_requirements=reqs,
             metadata={"loraflow_kind": cfg.register.log, "base_model": cfg.model.base},
         )
-    return info.model_uri, extra_tags
+    return info, extra_tags
 
 
 def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:
@@ -188,7 +188,7 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
         return revision
 
 
-def _register(cl: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+def _register(cl: Any, name: str, info: Any, run_id: str, tags: dict[str, str]) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -196,7 +196,9 @@ def _register(cl: Any, name: str, model_uri: str, run_id: str, tags: dict[str, s
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    mv = registry.retry(lambda: cl.create_model_version(name, model_uri, run_id=run_id, tags=tags))
+    # model_id: a tracking server accepts a models:/m-... source only with the LoggedModel's id.
+    mv = registry.retry(lambda: cl.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                                        model_id=info.model_id))
     return str(mv.version)
 
 

@@ -168,6 +168,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     }
     report.pop("supervised_tokens")
     write_json(paths.report("train"), report)
+    # The adapter in the run as exactly `adapter/`: later stages on other machines download it from there.
+    tracker.log_artifact(paths.adapter, "adapter")
     training.say(
         f"{steps} steps, final loss {result.train_loss if result.train_loss is not None else float('nan'):.4f}, "
         f"{result.tokens_per_second:,.0f} tokens/s; adapter in {result.adapter_dir}"

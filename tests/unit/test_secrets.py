@@ -12,12 +12,18 @@ def test_planted_secrets_are_redacted_in_the_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     paths = Paths.at(tmp_path)
     t = tracking.start_run(paths, "secrets", "probe")
-    t.log_params({"HF_TOKEN": "hf_plantedsecret1", "db_uri": "postgresql://me:plantedpw2@db/x", "lora_r": 8})
+    t.log_params({"HF_TOKEN": "hf_plantedsecret1", "db_uri": "postgresql://me:plantedpw2@db/x", "lora_r": 8,
+                  # a mapping value (as config.data.fields is logged): redacted in its JSON form
+                  "config.data.fields": {"prompt": "postgresql://u:plantedpw4@h/db"}})
+    t.log_params({"lora_r": 99, "later": 1})  # already-logged keys are skipped, new ones added
     t.set_tags({"MY_API_KEY": "plantedkey3"})
     tracking.finish(t, ok=True)
     dump = "\n".join(sqlite3.connect(tmp_path / "mlflow" / "mlflow.db").iterdump())
-    for secret in ("hf_plantedsecret1", "plantedpw2", "plantedkey3"):
+    for secret in ("hf_plantedsecret1", "plantedpw2", "plantedkey3", "plantedpw4"):
         assert secret not in dump
     run = t.client.get_run(t.run_id)
-    assert run.data.params["lora_r"] == "8"
+    assert run.data.params["lora_r"] == "8" and run.data.params["later"] == "1"
     assert run.data.params["db_uri"] == "postgresql://me:***@db/x"
+    assert run.data.params["config.data.fields"] == '{"prompt": "postgresql://u:***@h/db"}'
+    # System info is logged with every run.
+    assert run.data.params["sys_mlflow"] and run.data.params["sys_device"].startswith(("cpu", "cuda"))

@@ -1,0 +1,135 @@
+"""DVC's cache keys: change data, params, the base model and code in turn, and `dvc status` marks
+exactly the stages that read what changed (the stages after them follow through their outputs).
+
+The lock is recorded with `dvc commit` over placeholder outputs (nothing is trained): what is under
+test is which stage each kind of change reaches, not what the stages compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.reliability.conftest import BIN, alpaca, env
+from tests.system.test_dvc import STAGES, _copy_work_tree
+
+OUTPUTS = {
+    "data/prepared/train.jsonl": "{}\n",
+    "reports/prepare.json": "{}\n",
+    "outputs/adapter/adapter_config.json": "{}\n",
+    "reports/label_audit.txt": "",
+    "reports/train_log.csv": "step,loss\n",
+    "reports/train.json": "{}\n",
+    "reports/samples.jsonl": "",
+    "reports/evaluate.json": "{}\n",
+    "outputs/merged/config.json": "{}\n",
+    "reports/merge.json": "{}\n",
+    "reports/register.json": "{}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("dvc-keys") / "repo"
+    root.mkdir()
+    _copy_work_tree(root)  # tracked and untracked files; outputs are git-ignored, so not copied
+    shutil.rmtree(root / "models", ignore_errors=True)
+    shutil.copytree(tiny_models["llama"], root / "models" / "base")  # the embedded base's place: a DVC output
+    for rel, text in OUTPUTS.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    raw = root / "data" / "raw" / "x.jsonl"
+    raw.write_text("".join(json.dumps(alpaca(i)) + "\n" for i in range(20)), encoding="utf-8")
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["path"] = "data/raw/x.jsonl"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    e = env(root) | {"DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1",
+                     "DVC_SITE_CACHE_DIR": str(root.parent / "site-cache"),
+                     "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
+                     "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
+
+    def sh(*cmd: str) -> str:
+        exe = str(BIN / cmd[0]) if cmd[0] == "dvc" else cmd[0]
+        r = subprocess.run([exe, *cmd[1:]], cwd=root, env=e, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{' '.join(cmd)}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+        return r.stdout
+
+    sh("git", "init", "-q")
+    sh("dvc", "commit", "--force", "--quiet")  # record every stage's deps, params and outputs as they are
+    assert json.loads(sh("dvc", "status", "--json")) == {}
+    return root, sh
+
+
+def changed_stages(sh) -> dict[str, set[str]]:
+    """{stage: what changed} for stages whose own deps, params or outputs changed."""
+    out: dict[str, set[str]] = {}
+    for stage, changes in json.loads(sh("dvc", "status", "--json")).items():
+        for change in changes:
+            if isinstance(change, dict):
+                for kind in ("changed deps", "changed outs"):
+                    for path in change.get(kind, {}):
+                        out.setdefault(stage, set()).add(path)
+    return out
+
+
+CODE = {
+    "loraflow/readers.py": {"prepare", "train"},  # train: the planner counts records for method: auto
+    "loraflow/formats.py": {"prepare", "train"},
+    "loraflow/training.py": {"train"},
+    "loraflow/generation.py": {"evaluate", "merge"},
+    "tasks/merge.py": {"merge"},
+    "loraflow/config.py": set(STAGES),  # every stage parses params.yaml through it
+}
+
+
+@pytest.mark.slow
+def test_each_kind_of_change_marks_exactly_the_stages_that_read_it(project):
+    root, sh = project
+
+    def changed_by(rel: str, edit) -> dict[str, set[str]]:
+        path = root / rel
+        original = path.read_bytes()
+        try:
+            edit(path)
+            return changed_stages(sh)
+        finally:
+            path.write_bytes(original)
+            os.utime(path)
+
+    # data: a record more
+    got = changed_by("data/raw/x.jsonl", lambda p: p.write_bytes(p.read_bytes() + json.dumps(alpaca(99)).encode() + b"\n"))
+    assert got == {"prepare": {"data/raw/x.jsonl"}}, got
+
+    # params: the rank is read by train (and register, which tags versions with it); not by prepare
+    def rank(p):
+        params = yaml.safe_load(p.read_text(encoding="utf-8"))
+        params["lora"]["r"] = 4
+        p.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    got = changed_by("params.yaml", rank)
+    assert got == {"train": {"params.yaml"}, "register": {"params.yaml"}}, got
+
+    # the base model's weights: the base stage's output changed, and every stage that loads it
+    def reweigh(p):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(p)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] + 1
+        save_file(tensors, p, metadata={"format": "pt"})
+
+    got = changed_by("models/base/model.safetensors", reweigh)
+    assert got == {"base": {"models/base"}, **{s: {"models/base"} for s in ("prepare", "train", "evaluate", "merge")}}, got
+
+    # code: a change to a module reaches the stages that run it, and only those
+    for rel, stages in CODE.items():
+        got = changed_by(rel, lambda p: p.write_text(p.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8"))
+        assert got == {s: {rel} for s in stages}, (rel, got)
+
+    assert changed_stages(sh) == {}  # every edit undone: up to date again

@@ -233,9 +233,9 @@ def _trainer_class():
             super()._save_checkpoint(model, trial)
             ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             if ckpt.is_dir():
-                (ckpt / TOKENS_FILE).write_text(
-                    json.dumps({"total": self.counts.total, "supervised": self.counts.supervised})
-                )
+                # Written last and atomically: a checkpoint holding it is complete (see complete_checkpoints).
+                with atomic_file(ckpt / TOKENS_FILE) as fh:
+                    fh.write(json.dumps({"total": self.counts.total, "supervised": self.counts.supervised}))
 
     return LoraflowSFTTrainer
 
@@ -643,9 +643,11 @@ def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int) -> Resume:
     """
     import shutil
 
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(paths.checkpoints)) if paths.checkpoints.is_dir() else None
+    complete, incomplete = complete_checkpoints(paths)
+    for d in incomplete:  # a kill while saving left it half written: never resume from it
+        say(f"{_rel_to(paths.root, d)} is incomplete (the run stopped while saving it); removed it")
+        shutil.rmtree(d, ignore_errors=True)
+    last = str(complete[-1]) if complete else None
     resume = Resume()
     if last is not None:
         f = paths.checkpoints / FINGERPRINT_FILE
@@ -665,6 +667,24 @@ def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int) -> Resume:
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     write_fingerprint(paths, fp)
     return resume
+
+
+def complete_checkpoints(paths: Paths) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) checkpoint folders, each by step. Complete: the trainer state and the token
+    counts (written last, atomically) are both there; Trainer itself writes a checkpoint in place."""
+    if not paths.checkpoints.is_dir():
+        return [], []
+    found = [d for d in paths.checkpoints.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[-1].isdigit()]
+    found.sort(key=lambda d: int(d.name.split("-")[-1]))
+    complete, incomplete = [], []
+    for d in found:
+        try:
+            json.loads((d / TOKENS_FILE).read_text())
+            json.loads((d / "trainer_state.json").read_text())
+            complete.append(d)
+        except (OSError, ValueError):
+            incomplete.append(d)
+    return complete, incomplete
 
 
 def planned_steps(trainer) -> int:

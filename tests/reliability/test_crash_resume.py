@@ -1,7 +1,8 @@
 """Crash mid-training: `loraflow stage train` killed with SIGKILL after a checkpoint, then re-run.
 
-The re-run resumes from the checkpoint (step, optimizer, scheduler and RNG restored), ends at the
-same step, and its loss and learning-rate curve equals an uninterrupted run's. A checkpoint from
+The kill lands while the next checkpoint is half written (the worst moment). The re-run removes
+that one, resumes from the last complete checkpoint (step, optimizer, scheduler and RNG restored),
+ends at the same step, and its loss and learning-rate curve equals an uninterrupted run's. A checkpoint from
 another setup (data, LoRA config, quantization config) is never resumed: it is removed and
 training starts at step 0, with a line that names what changed.
 """
@@ -17,9 +18,30 @@ import pytest
 
 from loraflow.config import load_config
 from loraflow.paths import Paths
-from tests.reliability.conftest import HANG, error_line, kill, run_cli, start, wait_for, write_params, write_prepared
+from tests.reliability.conftest import kill, run_cli, start, wait_for, write_params, write_prepared
 
-STEPS, SAVE, HANG_AT = 12, 4, 6
+STEPS, SAVE = 12, 4
+
+# The child process: the real train stage, held inside Trainer._save_checkpoint of step 8 (adapter,
+# optimizer and scheduler written; RNG state, trainer state and token counts not yet), so that the
+# test's kill -9 lands mid-checkpoint every time.
+CHILD = """
+import sys, time
+from pathlib import Path
+from transformers import Trainer
+
+_save_rng = Trainer._save_rng_state
+def hang_mid_checkpoint(self, output_dir):
+    if self.state.global_step == {step}:
+        Path({mark!r}).write_text(str(output_dir))
+        while True:
+            time.sleep(1)
+    return _save_rng(self, output_dir)
+Trainer._save_rng_state = hang_mid_checkpoint
+
+from loraflow.cli import main
+sys.exit(main({argv!r}))
+"""
 TRAIN = {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": 1, "lr_scheduler": "cosine",
          "warmup_ratio": 0.1, "batch_size": 4}
 LORA = {"dropout": 0.1}  # dropout draws random numbers: the resumed run matches only if the RNG is restored
@@ -46,22 +68,23 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tiny_llama, tm
     write_prepared(root)
     params = write_params(root, tiny_llama, train=TRAIN, lora=LORA)
     paths = Paths.at(root)
-    mark = root / "hung-at-step"
-    child = HANG.format(module="tasks.train", event="on_step_end", step=HANG_AT, mark=str(mark),
-                        argv=["stage", "train", "-c", str(params)])
+    mark = root / "inside-checkpoint"
+    child = CHILD.format(step=2 * SAVE, mark=str(mark), argv=["stage", "train", "-c", str(params)])
     proc = start([sys.executable, "-c", child], root, tmp_path / "killed.log")
     try:
         ckpt = paths.checkpoints / f"checkpoint-{SAVE}"
         wait_for(lambda: (ckpt / "trainer_state.json").exists() and mark.exists(), proc, 240, tmp_path / "killed.log",
-                 f"checkpoint-{SAVE} and step {HANG_AT}")
+                 f"checkpoint-{SAVE} and the kill point inside checkpoint-{2 * SAVE}")
     finally:
         assert kill(proc) == -9
     assert not paths.adapter.exists() and not paths.report("train").exists()  # nothing published by the dead run
-    assert sorted(p.name for p in paths.checkpoints.glob("checkpoint-*")) == [f"checkpoint-{SAVE}"]
+    half = paths.checkpoints / f"checkpoint-{2 * SAVE}"
+    assert (half / "optimizer.pt").exists() and not (half / "trainer_state.json").exists()
 
-    # the same stage again: resumes from step 4 and redoes 5..12
+    # the same stage again: drops the half checkpoint, resumes from step 4 and redoes 5..12
     r = run_cli(root, "stage", "train", "-c", str(params))
     assert r.returncode == 0, r.stderr[-4000:]
+    assert f"outputs/checkpoints/checkpoint-{2 * SAVE} is incomplete (the run stopped while saving it)" in r.stderr
     assert f"resuming from outputs/checkpoints/checkpoint-{SAVE} (step {SAVE} of {STEPS})" in r.stderr
     report = json.loads(paths.report("train").read_text())
     assert report["steps"] == STEPS and report["resumed_from"] == f"outputs/checkpoints/checkpoint-{SAVE}"
@@ -95,7 +118,7 @@ def _checkpointed(root, tiny_llama, **sections):
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["data", "lora.r", "lora.target_modules", "quantization.double_quant",
                                     "quantization.quant_type"])
-def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_factory, change, request):
+def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_factory, change):
     """What the code does today, on purpose: the old checkpoint is removed and training starts at step 0
     with a note naming what changed. Refusing instead would break `dvc exp run -S lora.r=...`, which re-runs
     train in a work tree whose checkpoints come from the previous setup."""
@@ -103,7 +126,6 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     from loraflow.digest import file_md5
 
     # one trained project per session, copied per case (training it is the slow part)
-    cache = request.config.cache
     root0 = tmp_path_factory.getbasetemp() / "resume-base"
     if not (root0 / "outputs" / "checkpoints" / "checkpoint-3").exists():
         _checkpointed(root0, tiny_llama)

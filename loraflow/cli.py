@@ -46,10 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     run = with_config(sub.add_parser("run", help="run the whole DAG as one Prefect flow run"))
+    run.add_argument("--strict", action="store_true",
+                     help="exit 3 before anything runs when `loraflow plan` has warnings")
     run.set_defaults(func=cmd_run)
 
     stage = with_config(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
     stage.add_argument("name", choices=STAGES + ("base",))
+    stage.add_argument("--strict", action="store_true",
+                       help="train only: exit 3 before training when `loraflow plan` has warnings")
     stage.set_defaults(func=cmd_stage)
 
     plan = with_config(sub.add_parser("plan", help="memory/time plan and lints before a run (loads no weights)"))
@@ -105,6 +109,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
+    if args.strict and (code := _strict(cfg, paths, "run")):
+        return code
     _hide_user_error_tracebacks()
     from flows.finetune import finetune
 
@@ -115,6 +121,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
+    if args.strict:
+        if args.name != "train":
+            raise LoraflowError(f"--strict: applies to `stage train` and `run`, not `stage {args.name}`")
+        if code := _strict(cfg, paths, "stage train"):
+            return code
     from loraflow import tracking
     from loraflow.lineage import read_report
 
@@ -156,6 +167,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if args.name == "train" or not ok:
             tracking.finish(tracker, ok)
     return 0
+
+
+def _strict(cfg, paths, what: str) -> int:
+    """The planner's lints before anything is written: 3 (and one line naming them) on warnings, else 0."""
+    from loraflow import planner
+
+    return planner.strict_check(cfg, paths, what=what)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from loraflow.planner.result import GIB, METHODS, DataSize, Device, Lint, Memory
 from loraflow.planner.shapes import Linear, ModelShape, model_shape, read_config, resolve_targets
 
 __all__ = [
-    "plan", "lints", "cli", "detect_device", "memory_estimates",
+    "plan", "lints", "cli", "strict_check", "detect_device", "memory_estimates",
     "Plan", "Lint", "Device", "Memory", "DataSize", "ModelShape", "LINT_IDS", "HEADROOM",
     "last_tracked_lora", "model_shape", "resolve_targets",
 ]
@@ -53,7 +53,7 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
     device = detect_device(gpu_memory)
     t = cfg.train
     seq, batch, ckpt = cfg.data.max_length, t.batch_size, t.gradient_checkpointing
-    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt)
+    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt, _weight_bytes(cfg, device))
     method, reason, hint = _choose_method(cfg, shape, adapted, trainable, device, memory)
     data = data_size(cfg, paths)
     steps, tokens = est.steps_and_tokens(
@@ -89,24 +89,41 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         seq_len=seq,
         batch_size=batch,
         gradient_checkpointing=ckpt,
-        assumptions=_assumptions(cfg, device, data),
+        assumptions=_assumptions(cfg, device, data, shape),
+        mapped_bytes=est.mapped_checkpoint_bytes(shape, cfg.method, device.kind, _checkpoint_bytes(config)),
     )
     return replace(result, lints=lints(cfg, paths, result)) if with_lints else result
 
 
 def memory_estimates(
-    shape: ModelShape, cfg: Config, adapted: list[Linear], trainable: int, seq: int, batch: int, checkpointing: bool
+    shape: ModelShape, cfg: Config, adapted: list[Linear], trainable: int, seq: int, batch: int, checkpointing: bool,
+    weight_bytes: int = 2,
 ) -> dict[str, Memory]:
-    """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing."""
-    full_act = est.activation_bytes(shape, seq, batch, checkpointing)
+    """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing.
+
+    ``weight_bytes``: 2 for 16-bit compute (a GPU), 4 for fp32 (the CPU); ``est.compute_bytes``.
+    """
+    w = weight_bytes
+    full_act = est.activation_bytes(shape, seq, batch, checkpointing, weight_bytes=w)
     lora_act = est.activation_bytes(
-        shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0
+        shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0, weight_bytes=w
     )
     return {
-        "full": est.full_memory(shape, full_act),
-        "lora": est.lora_memory(shape, trainable, lora_act),
-        "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant),
+        "full": est.full_memory(shape, full_act, w),
+        "lora": est.lora_memory(shape, trainable, lora_act, w),
+        "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant, w),
     }
+
+
+def _checkpoint_bytes(config) -> int:
+    """Bytes per weight on disk, from config.json's ``dtype`` (``torch_dtype`` before transformers 5); fp32 if unsaid."""
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if name.removeprefix("torch.") in ("bfloat16", "float16") else 4
+
+
+def _weight_bytes(cfg: Config, device: Device) -> int:
+    """2 (16-bit) or 4 (fp32): what the train stage computes in on this device (``modeling.compute_dtype``)."""
+    return est.compute_bytes(cfg.quantization.compute_dtype, device.kind)
 
 
 def detect_device(gpu_memory: float | None = None) -> Device:
@@ -177,8 +194,9 @@ def _fit_hint(
     while s > 128:
         s //= 2
         options.append((s, 1, True))
+    w = _weight_bytes(cfg, device)
     for s, b, c in options:
-        memory = memory_estimates(shape, cfg, adapted, trainable, s, b, c)
+        memory = memory_estimates(shape, cfg, adapted, trainable, s, b, c, w)
         for m in methods:
             if memory[m].total > limit:
                 continue
@@ -189,7 +207,7 @@ def _fit_hint(
             then = f"{m} ~{memory[m].total / GIB:.1f} GiB"
             keep = "; raise train.grad_accum to keep the effective batch" if b < batch else ""
             return f"it would fit with {' '.join(changes)} ({then}){keep}"
-    floor = memory_estimates(shape, cfg, adapted, trainable, options[-1][0], 1, True)
+    floor = memory_estimates(shape, cfg, adapted, trainable, options[-1][0], 1, True, w)
     smallest = min(methods, key=lambda m: floor[m].total)
     need = floor[smallest].total / HEADROOM / GIB
     return (f"even at batch 1, {options[-1][0]} tokens and gradient checkpointing {smallest} needs "
@@ -197,18 +215,25 @@ def _fit_hint(
             f"use a device with at least {need:.0f} GiB or a smaller model.base")
 
 
-def _assumptions(cfg: Config, device: Device, data: DataSize) -> list[str]:
+def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape) -> list[str]:
     bits = est.NF4_BITS[cfg.quantization.double_quant]
+    w = _weight_bytes(cfg, device)
+    width = "16-bit" if w == 2 else "fp32"
     known = est.gpu_peak_tflops(device.name)[1] if device.kind == "gpu" else True
     speed = (f"{device.peak_tflops:g} TFLOP/s bf16 dense peak × {device.mfu:.0%} MFU"
              + ("" if known else " (GPU model unknown: A100-class assumed)")
              if device.kind == "gpu" else
              f"{device.peak_tflops:g} TFLOP/s effective on CPU ({est.CPU_TFLOPS_PER_CORE:g} per core)")
     return [
-        "memory: full = 12·P (16-bit weights and gradients, fp32 Adam moments); "
-        "LoRA = 2·P + 16·P_adapter (16-bit frozen base, fp32 adapters with gradients and Adam); "
+        f"memory ({'16-bit: bf16 compute on a GPU' if w == 2 else 'fp32: what the train stage computes in on a CPU'}): "
+        f"full = {2 * w + 8}·P ({width} weights and gradients, fp32 Adam moments); "
+        f"LoRA = {w}·P + 16·P_adapter ({width} frozen base, fp32 adapters with gradients and Adam); "
         f"QLoRA = {bits:.3f}/8·P_linear + 4·P_rest + 16·P_adapter + one dequantized linear; "
-        "each + activations (Korthikanti et al. 2022 per layer, + fp32 logits)",
+        f"each + activations (Korthikanti et al. 2022 per layer, {shape.attention} attention"
+        f"{': no s×s scores stored' if shape.attention != 'eager' else ''}, + fp32 logits)"
+        + ("; on a CPU the checkpoint also stays memory-mapped (file-backed RSS, not in the total), and glibc's "
+           "malloc can hold far more than the live tensors (QLoRA: ~2.5×; MALLOC_MMAP_THRESHOLD_=131072 "
+           "returns it; see bench/plan_memory.py)" if device.kind == "cpu" else ""),
         f"activations at batch {cfg.train.batch_size} × {cfg.data.max_length} tokens (data.max_length, fully padded), "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}; "
         f"fits = at most {HEADROOM:.0%} of the device memory",
@@ -217,6 +242,23 @@ def _assumptions(cfg: Config, device: Device, data: DataSize) -> list[str]:
         f"records: {data.records_source}",
         f"tokens per record: {data.tokens_source}",
     ]
+
+
+def strict_check(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, what: str = "run") -> int:
+    """``--strict`` for ``loraflow run`` and ``stage train``: the lints before anything is written or trained.
+
+    Returns ``STRICT_EXIT`` after printing each warning and one line naming their ids, else 0.
+    A plan that cannot be made (the model fits nowhere, an unreadable config.json) raises its
+    ``LoraflowError`` as ``loraflow plan`` would: strict means stop on what the planner finds.
+    """
+    found = [x for x in lints(cfg, paths, plan(cfg, paths, gpu_memory, with_lints=False)) if x.level == "warning"]
+    if not found:
+        return 0
+    for lint in found:
+        print(f"loraflow: warning [{lint.id}]: {lint.message}", file=sys.stderr)
+    print(f"loraflow: --strict: {what} stopped before training by {len(found)} warning(s): "
+          f"{', '.join(x.id for x in found)} (see `loraflow plan`; drop --strict to run anyway)", file=sys.stderr)
+    return STRICT_EXIT
 
 
 def cli(cfg: Config, paths: Paths, gpu_memory: float | None = None, as_json: bool = False, strict: bool = False) -> int:

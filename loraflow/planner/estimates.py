@@ -75,36 +75,50 @@ def activation_bytes(
     adapted: list[Linear] = (),  # type: ignore[assignment]
     rank: int = 0,
     dropout: bool = False,
+    weight_bytes: int = 2,
+    scores: bool | None = None,
 ) -> float:
-    """Activations kept for the backward pass, at the peak, in bytes (16-bit compute).
+    """Activations kept for the backward pass, at the peak, in bytes, for w-byte compute.
 
     Per decoder layer, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-    Transformer Models", eq. 2, no tensor parallelism) give ``s·b·h·(34 + 5·a·s/h)``: attention
-    ``11·s·b·h + 5·a·s²·b``, two layer norms ``4·s·b·h``, MLP ``19·s·b·h``. The MLP term is
-    written here for the model's own inner width i: ``3·s·b·h + 4·s·b·i`` (two saved i-wide
-    tensors), ``3·s·b·h + 8·s·b·i`` for a gated SwiGLU MLP (four); i = 4h gives back 19.
+    Transformer Models", eq. 2, no tensor parallelism) give ``s·b·h·(34 + 5·a·s/h)`` bytes in
+    16-bit: attention ``11·s·b·h + 5·a·s²·b``, two layer norms ``4·s·b·h``, MLP ``19·s·b·h``.
+    Written per element for the model's own MLP width i and any element width w (2 for bf16,
+    4 for fp32 on a CPU):
 
-        layer = s·b·(18·h + 4·i·(2 if gated else 1)) + 5·a·s²·b
+        layer  = w·s·b·(9·h + 2·i·(2 if gated else 1))         (i = 4h, w = 2 gives back 34·s·b·h)
+        scores = (2·w + 1)·a·s²·b                              (eager attention only)
 
-    Adapters add, per adapted linear (peft casts the input to the adapters' fp32, bf16 autocast
-    casts it back for the matmul, so A keeps its own 16-bit copy of the input), ``2·s·b·in``,
-    ``3·s·b·in`` with dropout (its 1-byte mask), and the rank-r intermediate ``2·s·b·r`` that B
-    keeps; ``adapter`` is that sum over the model divided by L.
+    ``scores``: the attention probabilities and their dropout mask, stored only by eager
+    attention; SDPA (transformers' default for Llama, GPT-2, Qwen2, Mistral, Falcon) and flash
+    kernels keep q, k, v, the output and a log-sum-exp instead, already in the 9·h. None takes
+    it from ``shape.attention`` (what transformers picks for the model). Measured with
+    saved-tensor hooks on a 97M Llama, fp32, b·s = 512: SDPA 392.5 MiB at s = 128 and at s = 512
+    (the formula: 370 MiB), eager 428 / 536 MiB.
 
-        no checkpointing:  L·(layer + adapter)
-        checkpointing:     2·s·b·h·L + layer + adapter   (each layer's 16-bit input is kept;
+    Adapters add, per adapted linear, its input as A sees it, ``(w + 1 if dropout else w)·s·b·in``
+    (bf16: peft casts the input to the adapters' fp32 and autocast back to 16-bit, a copy; fp32:
+    the dropped-out copy; + the 1-byte dropout mask), and the rank-r intermediate ``w·s·b·r`` that
+    B keeps; ``adapter`` is that sum over the model divided by L.
+
+        no checkpointing:  L·(layer + scores + adapter)
+        checkpointing:     w·s·b·h·L + layer + scores + adapter   (each layer's input is kept;
                            one layer's activations are rebuilt at a time in backward)
 
-    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3). The attention
-    term assumes eager attention: with SDPA/flash kernels the ``5·a·s²·b`` scores are not stored,
-    so the estimate is conservative at long sequences. It is the same for full fine-tuning and
-    LoRA (the frozen base's activations are still needed to reach earlier adapters).
+    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3). It is the same for
+    full fine-tuning and LoRA: a frozen base keeps a little less (a frozen linear needs no
+    input for its weight gradient: 338 vs 392 MiB in the measurement above), so LoRA's
+    estimate is conservative.
     """
-    s, b, h, i = seq, batch, shape.hidden, shape.intermediate
-    layer = s * b * (18 * h + 4 * i * (2 if shape.gated_mlp else 1)) + 5 * shape.heads * s * s * b
-    adapter = s * b * sum((3 if dropout else 2) * x.in_features + 2 * rank for x in adapted) / shape.layers
+    s, b, h, i, w = seq, batch, shape.hidden, shape.intermediate, weight_bytes
+    if scores is None:
+        scores = shape.attention == "eager"
+    layer = w * s * b * (9 * h + 2 * i * (2 if shape.gated_mlp else 1))
+    if scores:
+        layer += (2 * w + 1) * shape.heads * s * s * b
+    adapter = s * b * sum((w + 1 if dropout else w) * x.in_features + w * rank for x in adapted) / shape.layers
     if checkpointing:
-        kept = 2 * s * b * h * shape.layers + layer + adapter
+        kept = w * s * b * h * shape.layers + layer + adapter
     else:
         kept = shape.layers * (layer + adapter)
     return kept + 4 * s * b * shape.vocab
@@ -129,44 +143,71 @@ def trainable_biases(shape: ModelShape, adapted: list[Linear], bias: str) -> int
     return sum(x.out_features for x in pool if x.has_bias)
 
 
-def full_memory(shape: ModelShape, activations: float) -> Memory:
-    """Full fine-tuning with Adam: ``12·P + activations``.
+def full_memory(shape: ModelShape, activations: float, weight_bytes: int = 2) -> Memory:
+    """Full fine-tuning with Adam: ``(2·w + 8)·P + activations``; 12·P in 16-bit, 16·P in fp32.
 
-    16-bit weights 2·P, 16-bit gradients 2·P, Adam's fp32 moments 8·P.
+    Weights w·P, gradients w·P (w = 2 for 16-bit, 4 for fp32 on a CPU), Adam's fp32 moments 8·P.
     """
     p = shape.params_total
-    return Memory(weights=2 * p, trainable_state=(FULL_BYTES_PER_PARAM - 2) * p, activations=activations)
+    return Memory(weights=weight_bytes * p, trainable_state=(weight_bytes + 8) * p, activations=activations)
 
 
-def lora_memory(shape: ModelShape, trainable: int, activations: float) -> Memory:
-    """16-bit LoRA: ``2·P + 16·P_a + activations``.
+def lora_memory(shape: ModelShape, trainable: int, activations: float, weight_bytes: int = 2) -> Memory:
+    """LoRA: ``w·P + 16·P_a + activations``; the frozen base in 16-bit (w = 2) or fp32 (w = 4).
 
-    The frozen base in 16-bit (2·P; no gradients, no optimizer state); each adapter parameter
-    costs 16 bytes (fp32 weight, gradient and two Adam moments).
+    The frozen base has no gradients and no optimizer state; each adapter parameter costs 16
+    bytes (fp32 weight, gradient and two Adam moments).
     """
     return Memory(
-        weights=2 * shape.params_total,
+        weights=weight_bytes * shape.params_total,
         trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
         activations=activations,
     )
 
 
-def qlora_memory(shape: ModelShape, trainable: int, activations: float, double_quant: bool = True) -> Memory:
-    """QLoRA: ``4.127/8·P_q + 4·(P − P_q) + 16·P_a + activations + 2·max(in·out)``.
+def qlora_memory(
+    shape: ModelShape, trainable: int, activations: float, double_quant: bool = True, weight_bytes: int = 2
+) -> Memory:
+    """QLoRA: ``4.127/8·P_q + 4·(P − P_q) + 16·P_a + activations + w·max(in·out)``.
 
     The linear weights in NF4 (4.127 bits each with double quantization, 4.5 without); the rest
     (embeddings, LM head, norms, biases) in fp32, as prepare_model_for_kbit_training leaves
-    them; the adapters as in LoRA; and one linear's weight dequantized to 16-bit at a time.
+    them; the adapters as in LoRA; and one linear's weight dequantized to the compute dtype
+    (w bytes) at a time.
     """
     pq = shape.params_quantized
     weights = NF4_BITS[double_quant] / 8 * pq + QLORA_UNQUANTIZED_BYTES * (shape.params_total - pq)
-    workspace = 2 * max((x.weight_numel for x in shape.linears), default=0)
+    workspace = weight_bytes * max((x.weight_numel for x in shape.linears), default=0)
     return Memory(
         weights=weights,
         trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
         activations=activations,
         workspace=workspace,
     )
+
+
+def compute_bytes(compute_dtype: str, device_kind: str) -> int:
+    """Bytes per weight and activation element the train stage computes in.
+
+    ``auto`` is what ``loraflow.modeling.compute_dtype`` picks: bf16 on a GPU, fp32 on a CPU
+    (bf16 autocast is not used there); an explicit dtype is taken as given.
+    """
+    if compute_dtype == "auto":
+        return 2 if device_kind == "gpu" else 4
+    return 4 if compute_dtype == "float32" else 2
+
+
+def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, checkpoint_bytes: int = 4) -> float:
+    """File-backed memory a CPU run keeps besides ``Memory.total``: the checkpoint stays mapped.
+
+    transformers loads safetensors through mmap and the mapping outlives the load (TRAPS 5);
+    measured here for all three methods (bench/plan_memory.py: +363 to +368 MiB of RssFile for a
+    371 MiB fp32 checkpoint). Those pages belong to the page cache, are reclaimable under
+    pressure and are shared between processes, but they show in RSS. ``checkpoint_bytes``: the
+    checkpoint's dtype on disk (fp32: 4). A GPU's memory holds none of it: 0 there.
+    """
+    del method  # the same for full, LoRA and QLoRA
+    return float(checkpoint_bytes * shape.params_total) if device_kind == "cpu" else 0.0
 
 
 def flops_per_token(shape: ModelShape, method: str, trainable: int, checkpointing: bool) -> float:

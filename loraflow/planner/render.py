@@ -38,6 +38,9 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
             _duration(secs) if secs is not None else "?",
         )
     console.print(table)
+    if plan.mapped_bytes:
+        console.print(f"[dim]+ {_size(plan.mapped_bytes)} file-backed: the checkpoint stays memory-mapped on a CPU "
+                      "(page cache, reclaimable; shows in RSS)[/dim]")
 
     console.print(f"[bold]method[/bold]    {plan.method} — {e(plan.method_reason)}")
     if plan.fit_hint:

@@ -93,6 +93,7 @@ class Plan:
     gradient_checkpointing: bool
     lints: list[Lint] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    mapped_bytes: float = 0.0  # CPU: the checkpoint stays memory-mapped (file-backed RSS, not in totals)
 
     @property
     def estimates_gib(self) -> dict[str, float]:
@@ -118,6 +119,7 @@ class Plan:
             "device": asdict(self.device),
             "estimates_gib": self.estimates_gib,
             "breakdown_gib": {m: self.memory[m].gib() for m in METHODS},
+            "mapped_checkpoint_gib": round(self.mapped_bytes / GIB, 3),
             "fits": {m: self.fits(m, HEADROOM) for m in METHODS},
             "headroom": HEADROOM,
             "batch_size": self.batch_size,

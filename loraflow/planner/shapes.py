@@ -49,6 +49,7 @@ class ModelShape:
     linears: tuple[Linear, ...]  # every linear but the output head
     head: Linear | None  # the LM head (shares its weight with the embeddings when tied)
     model: Any = field(default=None, repr=False, compare=False)  # the meta-device model itself
+    attention: str = "sdpa"  # transformers' attention implementation: eager stores the s×s scores
 
     @property
     def params_quantized(self) -> int:
@@ -156,6 +157,7 @@ def _inspect(model: Any, config: "PretrainedConfig") -> ModelShape:
         linears=linears,
         head=head,
         model=model,
+        attention=str(getattr(model.config, "_attn_implementation", None) or "eager"),
     )
 
 

@@ -165,8 +165,36 @@ def test_activations_reduce_to_korthikanti_for_a_4h_mlp(tmp_path):
     shape = planner.model_shape(AutoConfig.from_pretrained(model_dir(tmp_path, "gpt2", GPT2)))
     s, b, h, a, L, V = 512, 4, 768, 12, 12, 50257
     per_layer = s * b * h * (34 + 5 * a * s / h)
-    assert est.activation_bytes(shape, s, b, False) == pytest.approx(L * per_layer + 4 * s * b * V)
-    assert est.activation_bytes(shape, s, b, True) == pytest.approx(2 * s * b * h * L + per_layer + 4 * s * b * V)
+    eager = dict(scores=True)
+    assert est.activation_bytes(shape, s, b, False, **eager) == pytest.approx(L * per_layer + 4 * s * b * V)
+    assert est.activation_bytes(shape, s, b, True, **eager) == pytest.approx(2 * s * b * h * L + per_layer + 4 * s * b * V)
+    # SDPA (what transformers builds for GPT-2 by default) keeps no s×s scores: 34·s·b·h per layer
+    assert shape.attention == "sdpa"
+    assert est.activation_bytes(shape, s, b, False) == pytest.approx(L * 34 * s * b * h + 4 * s * b * V)
+    # fp32 (the CPU): every stored element twice as wide; the fp32 logits stay 4·s·b·V
+    assert est.activation_bytes(shape, s, b, False, weight_bytes=4) == pytest.approx(L * 68 * s * b * h + 4 * s * b * V)
+    assert est.activation_bytes(shape, s, b, False, weight_bytes=4, scores=True) == pytest.approx(
+        L * (68 * s * b * h + 9 * a * s * s * b) + 4 * s * b * V)
+
+
+def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
+    """On a CPU the train stage computes in fp32 (compute_dtype auto): 4-byte weights, 16 bytes/param full."""
+    gpu = plan_for(tmp_path, root, QWEN25_05B, gpu=24)
+    cpu = plan_for(tmp_path, root, QWEN25_05B, gpu=None)
+    P = cpu.params_total
+    assert cpu.memory["lora"].weights == 4 * P and gpu.memory["lora"].weights == 2 * P
+    assert cpu.memory["full"].weights + cpu.memory["full"].trainable_state == 16 * P
+    assert cpu.memory["qlora"].weights == gpu.memory["qlora"].weights  # NF4 + fp32 rest either way
+    assert cpu.memory["qlora"].workspace == 2 * gpu.memory["qlora"].workspace  # one linear dequantized to fp32
+    logits = 4 * 256 * 8 * 151936  # data.max_length 256, batch 8: the same fp32 logits on both
+    assert cpu.memory["full"].activations - logits == pytest.approx(2 * (gpu.memory["full"].activations - logits))
+    bf16 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=bfloat16", gpu=None)
+    assert bf16.memory["lora"].weights == 2 * P  # an explicit dtype is taken as given
+    assert est.compute_bytes("auto", "gpu") == 2 and est.compute_bytes("float32", "gpu") == 4
+    # the checkpoint stays mapped on a CPU (TRAPS 5): its size on disk, by config.json's dtype; none on a GPU
+    assert gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * P  # no dtype in this config.json: fp32
+    half = plan_for(tmp_path, root, QWEN25_05B | {"torch_dtype": "bfloat16"}, gpu=None)
+    assert half.mapped_bytes == 2 * P and half.to_dict()["mapped_checkpoint_gib"] == round(2 * P / 2**30, 3)
 
 
 def test_weight_formulas(tmp_path, root):
@@ -395,6 +423,57 @@ def test_cli_table_and_strict(tmp_path, root, capsys):
     assert main(["plan", "-c", str(params), "--gpu-memory", "80", "--strict"]) == 3
     err = capsys.readouterr().err
     assert "loraflow: warning [rank-too-high]:" in err
+
+
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=128, vocab_size=512, tie_word_embeddings=False)
+
+
+def strict_project(tmp_path: Path, root: Path, r: int) -> Path:
+    """A raw 40-record dataset and a config.json-only base (no weights: --strict must stop before loading)."""
+    base = model_dir(tmp_path, "llama", TINY_LLAMA)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data.jsonl").write_text("".join(
+        json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(40)))
+    return write_params(root, base, f"data:\n  path: data.jsonl\nlora:\n  r: {r}\n  alpha: {2 * r}\n")
+
+
+def test_run_strict_exits_3_before_anything_runs(tmp_path, root):
+    """`loraflow run --strict` with rank-too-high (r=64 on ~32 train records): exit 3, one line naming it, no outputs."""
+    import os
+    import subprocess
+
+    params = strict_project(tmp_path, root, r=64)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "-c", str(params), "--strict"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("loraflow: --strict: run stopped before training by 1 warning(s): rank-too-high ")
+    assert "loraflow: warning [rank-too-high]: r=64 on 32 train records" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # nothing was prepared, trained or tracked: no data/prepared, outputs/, reports/, mlflow/
+    assert sorted(p.name for p in root.iterdir()) == ["data.jsonl", "params.yaml"]
+
+
+def test_stage_train_strict(tmp_path, root, capsys, monkeypatch):
+    from loraflow.cli import main
+
+    params = strict_project(tmp_path, root, r=64)
+    assert main(["stage", "train", "-c", str(params), "--strict"]) == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "loraflow: --strict: stage train stopped before training by 1 warning(s): rank-too-high")
+    assert not (root / "outputs").exists() and not (root / "mlflow").exists()
+    assert main(["stage", "prepare", "-c", str(params), "--strict"]) == 1  # strict is about training
+    assert "applies to `stage train` and `run`" in capsys.readouterr().err
+
+    # no warnings: strict lets it through (the check itself; the run that follows is the pipeline's tests')
+    ok = strict_project(tmp_path, root, r=16)
+    from loraflow.config import load_config
+
+    assert planner.strict_check(load_config(str(ok), []), Paths.at(root)) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_too_big_is_one_line(tmp_path, root, capsys):

@@ -122,10 +122,11 @@ def cli_in_process(root: Path):
         os.chdir(old)
 
 
-def run_cli(root: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(root: Path, *argv: str, timeout: float = 300, extra_env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
     """``loraflow ARGV`` as a real process in ``root``."""
-    return subprocess.run([str(BIN / "loraflow"), *argv], cwd=root, env=env(root), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(BIN / "loraflow"), *argv], cwd=root, env=env(root) | (extra_env or {}),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def error_line(stderr: str) -> str:
@@ -164,27 +165,3 @@ def kill(proc: subprocess.Popen) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(timeout=30)
-
-
-HANG = """
-import sys, time
-from pathlib import Path
-from transformers import TrainerCallback
-import {module}
-
-class Hang(TrainerCallback):
-    # Stops this process at a chosen point so that the test's kill -9 lands there, every time.
-    def {event}(self, args, state, control, **kwargs):
-        if state.global_step == {step}:
-            Path({mark!r}).write_text(str(state.global_step))
-            while True:
-                time.sleep(1)
-
-_run = {module}.run
-def run(cfg, paths, tracker=None, callbacks=None):
-    return _run(cfg, paths, tracker, callbacks=[Hang(), *(callbacks or [])])
-{module}.run = run
-
-from loraflow.cli import main
-sys.exit(main({argv!r}))
-"""

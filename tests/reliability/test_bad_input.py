@@ -175,12 +175,20 @@ def test_target_modules_that_match_nothing_stop_training_before_it_starts(tiny_l
 
 @pytest.mark.slow
 def test_console_script_prints_one_line_and_exits_non_zero(tiny_llama, tmp_path):
-    """The same through a real `loraflow` process: a bad record, then a missing model."""
+    """The same through a real `loraflow` process: a bad record, then a missing model, then a run that
+    succeeds; secrets planted in the environment appear in none of their output."""
+    secrets = {"HF_TOKEN": "hf_PLANTEDsecret0001", "MLFLOW_TRACKING_PASSWORD": "PLANTEDsecret0002",
+               "AWS_SECRET_ACCESS_KEY": "PLANTEDsecret0003"}
     write_raw(tmp_path, b"\n".join(GOOD[:3] + [BAD_RECORDS["broken_json"][0]]) + b"\n")
     write_params(tmp_path, tiny_llama)
-    r = run_cli(tmp_path, "stage", "prepare")
-    assert r.returncode == 2
-    assert error_line(r.stderr).startswith("loraflow: error: data/raw/x.jsonl:4: not valid JSON")
-    r = run_cli(tmp_path, "stage", "prepare", "-s", "model.base=./no/such/model")
-    assert r.returncode == 2 and "model.base: ./no/such/model does not exist" in error_line(r.stderr)
+    runs = [run_cli(tmp_path, "stage", "prepare", extra_env=secrets)]
+    assert runs[-1].returncode == 2
+    assert error_line(runs[-1].stderr).startswith("loraflow: error: data/raw/x.jsonl:4: not valid JSON")
+    runs.append(run_cli(tmp_path, "stage", "prepare", "-s", "model.base=./no/such/model", extra_env=secrets))
+    assert runs[-1].returncode == 2 and "model.base: ./no/such/model does not exist" in error_line(runs[-1].stderr)
     assert nothing_written(tmp_path)
+    runs.append(run_cli(tmp_path, "stage", "prepare", "-s", "data.on_bad_record=skip", extra_env=secrets))
+    assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
+    written = "".join(p.read_text(errors="replace") for p in Paths.at(tmp_path).reports.glob("*"))
+    for secret in secrets.values():
+        assert all(secret not in r.stdout + r.stderr for r in runs) and secret not in written

@@ -54,10 +54,16 @@ def attach_adapter(base, paths: Paths, allow_pickle: bool = False):
     An adapter saved only as ``adapter_model.bin`` (a pickle) is refused unless ``allow_pickle``.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     refuse_pickle_only(paths.adapter, allow_pickle, "adapter", ("adapter_model",))
     try:
         model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
+    except SafetensorError as e:
+        raise ModelError(
+            f"{paths.adapter}: the adapter's weights are damaged or incomplete ({str(e).strip().splitlines()[0]}); "
+            "re-run `loraflow stage train`"
+        ) from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(
             f"{paths.adapter}: cannot attach the adapter ({str(e).strip().splitlines()[0]}); "

@@ -189,8 +189,15 @@ def load_model(
             kwargs["device_map"] = {"": 0}
     else:
         kwargs["dtype"] = dtype or torch.float32
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except SafetensorError as e:  # a truncated or corrupted file: a copy or download cut short
+        raise ModelError(
+            f"model.base: a weight file in {where} is damaged or incomplete ({_first_line(e)}); "
+            "copy or download the model again"
+        ) from None
     except (OSError, ValueError) as e:
         if _is_remote_code_error(e):
             raise _remote_code_error(where, "model") from None

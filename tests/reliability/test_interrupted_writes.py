@@ -79,3 +79,44 @@ def test_a_merge_killed_mid_write_leaves_the_previous_merged_model_intact(tiny_l
     # and merge runs again cleanly over the debris
     tasks.merge.run(cfg, paths)
     assert set(snapshot(paths.merged)) == set(before)
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_a_half_file_from_outside_loraflow_is_one_line_never_a_crash(tiny_llama, tmp_path):
+    """Files loraflow did not write atomically (a copy or download cut short, a hand edit) are reported, not
+    half-read: a truncated base, a truncated adapter, a truncated prepared split."""
+    import shutil
+
+    import tasks.train
+    from loraflow import modeling
+    from loraflow.errors import DataError, ModelError
+    from tests.reliability.conftest import cli_in_process, error_line
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    _truncate(base / "model.safetensors")
+    cfg = load_config(None, [f"model.base={base}"])
+    with pytest.raises(ModelError, match=r"model.base: a weight file in .* is damaged or incomplete"):
+        modeling.load_model(cfg, Paths.at(tmp_path), quantized=False)
+
+    root = tmp_path / "p"
+    write_prepared(root, n_train=16, n_test=4)
+    params = write_params(root, tiny_llama, method="lora", train={"max_steps": 1})
+    paths = Paths.at(root)
+    tasks.train.run(load_config(params), paths)
+    _truncate(paths.adapter / "adapter_model.safetensors")
+    with cli_in_process(root) as cli:
+        rc, err = cli("stage", "evaluate")
+    assert rc == 2
+    assert "the adapter's weights are damaged or incomplete" in error_line(err)
+    assert not paths.report("evaluate").exists()
+
+    text = paths.split("train").read_text(encoding="utf-8")
+    paths.split("train").write_text(text[: len(text) // 2 + 7], encoding="utf-8")  # cut inside a row
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+: not valid JSON .*re-run `loraflow stage prepare`"):
+        tasks.train.run(load_config(params), paths)

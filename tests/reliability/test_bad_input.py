@@ -52,7 +52,7 @@ def test_a_bad_record_stops_with_its_line_or_is_skipped_and_counted(case, tiny_l
 
         rc, err = cli("stage", "prepare", "-s", "data.on_bad_record=skip")
     assert rc == 0, err
-    assert f"skipped data/raw/x.jsonl:13: " in err
+    assert "skipped data/raw/x.jsonl:13: " in err
     report = json.loads(Paths.at(tmp_path).report("prepare").read_text())
     assert (report["records_read"], report["records_kept"]) == (31, 30)
     assert report["dropped"][reason] == 1 and sum(report["dropped"].values()) == 1

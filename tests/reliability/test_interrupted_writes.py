@@ -62,7 +62,7 @@ def test_a_merge_killed_mid_write_leaves_the_previous_merged_model_intact(tiny_l
     finally:
         assert kill(proc) == -9
     half = mark.read_text()
-    assert f"/.merged.tmp-" in half  # it was writing into the temporary sibling, not into outputs/merged
+    assert "/.merged.tmp-" in half  # it was writing into the temporary sibling, not into outputs/merged
 
     assert snapshot(paths.merged) == before and dataset_digest(paths.merged) == digest
     leftovers = list(paths.outputs.glob(".merged.tmp-*"))

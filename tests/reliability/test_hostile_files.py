@@ -122,3 +122,31 @@ def test_code_shipped_with_a_model_never_runs_without_trust_remote_code(tiny_lla
     trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
     model = modeling.load_model(trusted, Paths.at(root), quantized=False)
     assert marker.exists() and type(model).__name__ == "EvilForCausalLM"
+
+
+def test_a_tokenizer_that_ships_code_never_runs_it_without_trust_remote_code(tiny_llama, tmp_path):
+    from loraflow import modeling
+    from tests.reliability.conftest import alpaca, write_raw
+
+    marker = tmp_path / "EXECUTED"
+    base = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer",
+                  auto_map={"AutoTokenizer": ["evil_tok.EvilTokenizer", "evil_tok.EvilTokenizer"]})
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "evil_tok.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('the shipped code ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    root = tmp_path / "p"
+    write_raw(root, [alpaca(i) for i in range(20)])
+    write_params(root, base)
+    with cli_in_process(root) as cli:
+        rc, err = cli("stage", "prepare")  # prepare loads only the tokenizer
+    assert rc == 2
+    assert f"model.base: the tokenizer at {base} ships its own Python code" in error_line(err)
+    assert not marker.exists() and not Paths.at(root).prepared.exists()
+
+    trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
+    assert type(modeling.load_tokenizer(trusted, Paths.at(root))).__name__ == "EvilTokenizer" and marker.exists()

@@ -178,6 +178,10 @@ def _jsonl(source: Source, split: str, max_bytes: int | None = None) -> Iterator
             yield Row(where, None, BadRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})",
                                              "fix the JSON on that line"))
             continue
+        except RecursionError:  # [[[[...]]]] thousands deep: Python's parser gives up, it must not crash us
+            yield Row(where, None, BadRecord("invalid_json", "JSON nested too deeply to parse",
+                                             "flatten the record to fields of strings"))
+            continue
         if not isinstance(value, dict):
             yield Row(where, None, BadRecord("wrong_type", f"a JSON {type_name(value)}, expected an object",
                                              'write one {"field": value, ...} object per line'))
@@ -251,6 +255,10 @@ def _json(source: Source, split: str) -> Iterator[Row]:
         raise DataError(
             f"{source.display}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file, "
             "or write it as JSONL (one record a line) so bad lines can be skipped"
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{source.display}: JSON nested too deeply to parse; flatten the records to fields of strings"
         ) from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         items = doc["data"]

@@ -150,3 +150,15 @@ def test_a_tokenizer_that_ships_code_never_runs_it_without_trust_remote_code(tin
 
     trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
     assert type(modeling.load_tokenizer(trusted, Paths.at(root))).__name__ == "EvilTokenizer" and marker.exists()
+
+
+def test_a_params_file_with_a_python_tag_is_refused_without_running_it(tmp_path):
+    """params.yaml is parsed with yaml.safe_load: a !!python tag is a config error, never a constructor call."""
+    marker = tmp_path / "EXECUTED"
+    (tmp_path / "params.yaml").write_text(
+        f"model:\n  base: !!python/object/apply:os.system [\"touch {marker}\"]\n", encoding="utf-8")
+    with cli_in_process(tmp_path) as cli:
+        rc, err = cli("stage", "prepare")
+    assert rc == 2
+    assert "params.yaml:2: not valid YAML (could not determine a constructor for the tag" in error_line(err)
+    assert not marker.exists()

@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     promote = sub.add_parser("promote", help="move a registry alias (or roll champion back)")
     promote.add_argument("name")
+    promote.add_argument("-c", "--config", default=None, help="params.yaml: its folder's mlflow/ store (default: .)")
     promote.add_argument("--version", default=None)
     promote.add_argument("--alias", default="champion")
     promote.add_argument("--rollback", action="store_true", help="move champion back to its previous version")
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list a registered model's versions with aliases and lineage")
     models.add_argument("name")
+    models.add_argument("-c", "--config", default=None, help="params.yaml: its folder's mlflow/ store (default: .)")
     models.set_defaults(func=cmd_models)
 
     base = sub.add_parser("build-base", help="build the embedded base model (done on first use anyway)")
@@ -185,17 +187,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return planner.cli(cfg, paths, gpu_memory=args.gpu_memory, as_json=args.json, strict=args.strict)
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
-    from loraflow import registry, tracking
+def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
+    """The registry client and its URI: MLFLOW_TRACKING_URI, else the store next to ``-c`` params.yaml
+    (or in the current folder). A missing local store is an error, not a new empty one."""
+    from loraflow import tracking
     from loraflow.paths import Paths
 
-    cl = tracking.client(Paths.at(Path.cwd()))
+    if args.config is not None and not Path(args.config).is_file():
+        raise LoraflowError(f"{command}: config file {args.config} not found; pass -c path/to/params.yaml")
+    paths = Paths.at(Path(args.config).resolve().parent if args.config else Path.cwd())
+    uri = tracking.tracking_uri(paths)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise LoraflowError(f"{command}: no MLflow store at {uri.removeprefix('sqlite:///')}; run the pipeline "
+                            "there first, pass -c path/to/params.yaml, or set MLFLOW_TRACKING_URI")
+    return tracking.client(paths), uri
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    from loraflow import registry
+
+    cl, uri = _registry(args, "promote")
     try:
         cl.get_registered_model(args.name)
     except MlflowException:
-        raise LoraflowError(f"promote: no registered model named {args.name!r} in {tracking.tracking_uri(Paths.at(Path.cwd()))}") from None
+        raise LoraflowError(f"promote: no registered model named {args.name!r} in {uri}; list them with "
+                            "`mlflow ui` or check the name (register.model_name)") from None
     if args.rollback:
         old, new = registry.rollback(cl, args.name)
         print(f"{args.name}@champion: v{old} -> v{new} (rollback)")
@@ -205,7 +223,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     try:
         cl.get_model_version(args.name, str(args.version))
     except MlflowException:
-        raise LoraflowError(f"promote: {args.name} has no version {args.version}") from None
+        raise LoraflowError(f"promote: {args.name} has no version {args.version}; see `loraflow models {args.name}`") from None
     old = registry.move_alias(cl, args.name, str(args.version), args.alias)
     print(f"{args.name}@{args.alias}: v{old or '-'} -> v{args.version}")
     return 0
@@ -215,23 +233,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from loraflow import registry, tracking
-    from loraflow.paths import Paths
+    from loraflow import registry
 
-    cl = tracking.client(Paths.at(Path.cwd()))
+    cl, uri = _registry(args, "models")
     versions = sorted(cl.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version))
     if not versions:
-        raise LoraflowError(f"models: no registered model named {args.name!r} in {tracking.tracking_uri(Paths.at(Path.cwd()))}")
+        raise LoraflowError(f"models: no registered model named {args.name!r} in {uri}; check the name "
+                            "(register.model_name) or the store (-c, MLFLOW_TRACKING_URI)")
     aliases = {a: registry.alias_version(cl, args.name, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
     table = Table(title=f"{args.name} versions")
-    for col in ("version", "aliases", "gate metric", "rank", "alpha", "method", "dataset digest", "run"):
+    for col in ("version", "aliases", "gate metric", "kind", "rank", "alpha", "method", "dataset digest", "run"):
         table.add_column(col)
     for v in versions:
         t = v.tags or {}
         tags = ",".join(a for a, ver in aliases.items() if ver == str(v.version))
         metric = t.get("gate_metric", "")
         table.add_row(str(v.version), tags, f"{metric}={t.get('gate_new_value', '')}" if metric else "",
-                      t.get("lora_r", ""), t.get("lora_alpha", ""), t.get("method", ""),
+                      t.get("model_kind", "merged"), t.get("lora_r", ""), t.get("lora_alpha", ""), t.get("method", ""),
                       t.get("dataset_digest", "")[:12], (v.run_id or "")[:8])
     Console().print(table)
     return 0

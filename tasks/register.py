@@ -8,6 +8,8 @@ Re-running with the same (data, params, code) registers nothing new.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,12 +66,14 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
 
     if tracker.run_id is None:
         tracker = tracking.start_run(paths, name, "register")
-    info, model_tags = _log_model(cfg, paths, tracker.run_id)
     metric = cfg.register.gate_metric
     new_value = evaluation.get("tuned", {}).get(metric)
-    # eval_<metric> goes on with the version, so a concurrent gate can already compare against it.
-    version = _register(cl, name, info, tracker.run_id,
-                        {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
+    # The fluent API (log_model), and the client resolving the models:/ source, use the global URI.
+    with _fluent_uri(tracking.tracking_uri(paths)):
+        info, model_tags = _log_model(cfg, paths, tracker.run_id)
+        # eval_<metric> goes on with the version, so a concurrent gate can already compare against it.
+        version = _register(cl, name, info, tracker.run_id,
+                            {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
 
     # Two pipelines registering under one name at once: both read "no champion" and both promote,
     # unless reading the champion, comparing and moving the alias happen under one lock.
@@ -147,9 +151,6 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
         params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_new_tokens)]),
     )
     example = pd.DataFrame({"prompt": ["What is the opposite of hot?" if fmt == "alpaca" else "Hello"]})
-    uri = tracking.tracking_uri(paths)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -162,6 +163,35 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
             metadata={"loraflow_kind": cfg.register.log, "base_model": cfg.model.base},
         )
     return info, extra_tags
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model has no client form) at ``uri`` for a moment.
+
+    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into the environment, where it
+    would outlive this stage: the next pipeline in the same process (another project root) would
+    log into this store. So the environment and MLflow's globals are put back afterwards.
+    """
+    import os
+
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:

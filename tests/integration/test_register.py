@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,7 @@ def project(tmp_path, tiny_llama, monkeypatch):
     return Paths.at(tmp_path)
 
 
-def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(project, tiny_llama):
+def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(project, tiny_llama, monkeypatch):
     import tasks.register
 
     paths = project
@@ -74,11 +75,16 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     assert (old, new) == ("3", "1")
     assert registry.alias_version(cl, "demo", "champion") == "1"
 
+    # Registering left no MLflow URI behind in the environment (the next pipeline may be elsewhere).
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
     # The champion loads with MLflow's own API and generates what the merged folder generates.
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(paths))  # restored after the test
     model = mlflow.pyfunc.load_model("models:/demo@champion")
     out = model.predict(pd.DataFrame({"prompt": ["What is the opposite of hot?", "Is 37 even or odd?"]}))
     assert out == _reference_generate(tiny_llama, None, ["What is the opposite of hot?", "Is 37 even or odd?"])
@@ -145,11 +151,15 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
     mv = cl.get_model_version("ad", result.version)
     assert mv.tags["model_kind"] == "adapter" and mv.tags["base_sha256"] == weights_sha256(base)
     # The version holds the adapter, not the base: no full weight file in the logged model.
-    logged = {a.path for a in cl.list_artifacts(result.run_id, "model/artifacts/adapter")}
-    assert any(p.endswith("adapter_model.safetensors") for p in logged)
-    assert not any(p.endswith("/model.safetensors") for p in logged)
+    from mlflow.utils.file_utils import local_file_uri_to_path
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    model_id = mv.model_id or mv.source.removeprefix("models:/")
+    where = Path(local_file_uri_to_path(cl.get_logged_model(model_id).artifact_location))
+    logged = {f.relative_to(where).as_posix() for f in where.rglob("*") if f.is_file()}
+    assert "artifacts/adapter/adapter_model.safetensors" in logged and "MLmodel" in logged
+    assert not any(p.endswith("model.safetensors") and "adapter" not in p for p in logged)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(paths))  # restored after the test
     model = mlflow.pyfunc.load_model("models:/ad@champion")
     instructions, inputs = ["What is the opposite of hot?", "Is the number even or odd?"], ["", "37"]
     out = model.predict(pd.DataFrame({"prompt": instructions, "input": inputs}))
@@ -173,6 +183,38 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
         mlflow.pyfunc.load_model("models:/ad@champion")
 
 
+def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama, tmp_path, monkeypatch, capsys):
+    import tasks.register
+    from loraflow import cli
+
+    cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl"])
+    _stage_outputs(project, tiny_llama, exact_match=0.5)
+    tasks.register.run(cfg, project)
+    _stage_outputs(project, tiny_llama, exact_match=0.25)
+    tasks.register.run(load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl", "lora.r=4"]), project)
+    (project.root / "params.yaml").write_text("register:\n  model_name: cl\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no store here: -c points at the project's
+    monkeypatch.setenv("COLUMNS", "200")  # rich sizes the table to the terminal
+
+    assert cli.main(["promote", "cl", "--version", "2", "-c", str(project.root / "params.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "cl@champion: v1 -> v2"
+    cl = tracking.client(project)
+    assert registry.alias_version(cl, "cl", "champion") == "2"
+    assert cli.main(["promote", "cl", "--rollback", "-c", str(project.root / "params.yaml")]) == 0
+    assert registry.alias_version(cl, "cl", "champion") == "1"
+    assert cli.main(["models", "cl", "-c", str(project.root / "params.yaml")]) == 0
+    table = capsys.readouterr().out
+    assert "challenger" in table and "champion" in table and "merged" in table
+
+    # Without -c, in a folder with no store: one line naming the path, and no empty store created.
+    assert cli.main(["models", "cl"]) == 1
+    err = capsys.readouterr().err
+    assert "no MLflow store at" in err and str(elsewhere) in err and len(err.strip().splitlines()) == 1
+    assert not (elsewhere / "mlflow").exists()
+
+
 def test_gate_directions():
     g = registry.gate("loss", 0.9, 1.0, "1", 0.0)
     assert g.promote
@@ -180,3 +222,39 @@ def test_gate_directions():
     assert not registry.gate("exact_match", 0.51, 0.5, "1", 0.05).promote
     assert registry.gate("exact_match", 0.56, 0.5, "1", 0.05).promote
     assert registry.gate("exact_match", 0.0, None, None, 0.0).promote  # no champion yet
+
+
+def test_two_pipelines_registering_at_once_both_get_versions_and_the_better_is_champion(tmp_path, tiny_llama):
+    """Two `loraflow stage register` processes, two project folders, one sqlite store, same name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    (tmp_path / "shared").mkdir()
+    MlflowClient(tracking_uri=uri).search_experiments()  # the shared store exists before the race
+    root = Path(__file__).resolve().parents[2]
+    procs = {}
+    for exact_match, r in ((0.25, 4), (0.75, 8)):
+        project = tmp_path / f"project-r{r}"
+        project.mkdir()
+        (project / "params.yaml").write_text((root / "params.yaml").read_text())
+        _stage_outputs(Paths.at(project), tiny_llama, exact_match=exact_match)
+        cmd = [sys.executable, "-m", "loraflow.cli", "stage", "register", "-s", f"model.base={tiny_llama}",
+               "-s", "register.model_name=conc", "-s", f"lora.r={r}"]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        procs[r] = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for r, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (r, err[-3000:])
+
+    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {mv.tags["lora_r"]: mv for mv in cl.search_model_versions("name='conc'")}
+    assert sorted(versions) == ["4", "8"] and sorted(str(mv.version) for mv in versions.values()) == ["1", "2"]
+    assert registry.alias_version(cl, "conc", "champion") == str(versions["8"].version)
+    assert float(versions["8"].tags["eval_exact_match"]) == 0.75
+    # The gate's lock was released: only the real model is registered.
+    assert [m.name for m in cl.search_registered_models()] == ["conc"]

@@ -121,7 +121,6 @@ def test_pipeline_over_http_registers_an_adapter_and_logs_everything(server, tmp
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(url)
     model = mlflow.pyfunc.load_model("models:/srv@champion")
     requests = [_alpaca_fields(s["prompt"]) for s in samples]
     out = model.predict(pd.DataFrame(requests), params={"max_new_tokens": 4})

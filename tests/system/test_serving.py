@@ -1,0 +1,59 @@
+"""`mlflow models serve` on the champion: the registered model answers HTTP requests with text."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from loraflow import tracking
+from loraflow.config import load_config
+from loraflow.paths import Paths
+from tests.integration.test_register import _stage_outputs
+from tests.system.servers import free_port, start, stop, wait_http
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def test_mlflow_models_serve_answers_invocations_with_generated_text(tmp_path, tiny_llama, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    import tasks.register
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = Paths.at(tmp_path)
+    cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=served", "eval.max_new_tokens=6"])
+    _stage_outputs(paths, tiny_llama, exact_match=0.5)
+    assert tasks.register.run(cfg, paths).decision == "promoted"
+    uri = tracking.tracking_uri(paths)
+
+    port, log = free_port(), tmp_path / "serve.log"
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH (README says so too).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/served@champion", "--env-manager", "local",
+                  "--host", "127.0.0.1", "-p", str(port), "-w", "1"], log, env=env, cwd=tmp_path)
+    try:
+        wait_http(proc, f"http://127.0.0.1:{port}/ping", log)
+        body = {"dataframe_records": [{"prompt": "What is the opposite of hot?"},
+                                      {"prompt": "Is the number even or odd?", "input": "37"}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        stop(proc)
+    assert proc.poll() is not None  # stopped by its process group
+
+    predictions = answer["predictions"]
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+    # The server answers what the model answers in process (greedy: the same text).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    local = mlflow.pyfunc.load_model("models:/served@champion").predict(pd.DataFrame(body["dataframe_records"]))
+    assert predictions == local and any(predictions)

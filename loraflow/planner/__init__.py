@@ -90,7 +90,7 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         batch_size=batch,
         gradient_checkpointing=ckpt,
         assumptions=_assumptions(cfg, device, data, shape),
-        mapped_bytes=est.mapped_checkpoint_bytes(shape, cfg.method, device.kind, _checkpoint_bytes(config)),
+        mapped_bytes=est.mapped_checkpoint_bytes(shape, method, device.kind, _checkpoint_bytes(config)),
     )
     return replace(result, lints=lints(cfg, paths, result)) if with_lints else result
 
@@ -106,10 +106,11 @@ def memory_estimates(
     w = weight_bytes
     full_act = est.activation_bytes(shape, seq, batch, checkpointing, weight_bytes=w)
     lora_act = est.activation_bytes(
-        shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0, weight_bytes=w
+        shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0, weight_bytes=w,
+        frozen=True,
     )
     return {
-        "full": est.full_memory(shape, full_act, w),
+        "full": est.full_memory(shape, full_act, w, accumulate=cfg.train.grad_accum > 1),
         "lora": est.lora_memory(shape, trainable, lora_act, w),
         "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant, w),
     }
@@ -226,14 +227,17 @@ def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape)
              f"{device.peak_tflops:g} TFLOP/s effective on CPU ({est.CPU_TFLOPS_PER_CORE:g} per core)")
     return [
         f"memory ({'16-bit: bf16 compute on a GPU' if w == 2 else 'fp32: what the train stage computes in on a CPU'}): "
-        f"full = {2 * w + 8}·P ({width} weights and gradients, fp32 Adam moments); "
+        f"full = {w + 8}·P + max({w}·P gradients, activations) ({width} weights and gradients, fp32 Adam "
+        "moments; backward frees activations as it makes gradients); "
         f"LoRA = {w}·P + 16·P_adapter ({width} frozen base, fp32 adapters with gradients and Adam); "
         f"QLoRA = {bits:.3f}/8·P_linear + 4·P_rest + 16·P_adapter + one dequantized linear; "
-        f"each + activations (Korthikanti et al. 2022 per layer, {shape.attention} attention"
+        f"each + activations (Korthikanti et al. 2022 per layer, less what a frozen base need not keep, "
+        f"{shape.attention} attention"
         f"{': no s×s scores stored' if shape.attention != 'eager' else ''}, + fp32 logits)"
-        + ("; on a CPU the checkpoint also stays memory-mapped (file-backed RSS, not in the total), and glibc's "
-           "malloc can hold far more than the live tensors (QLoRA: ~2.5×; MALLOC_MMAP_THRESHOLD_=131072 "
-           "returns it; see bench/plan_memory.py)" if device.kind == "cpu" else ""),
+        + ("; on a CPU an fp32 base is the memory-mapped checkpoint itself (file-backed RSS), a 4-bit load "
+           "keeps the original linear weights mapped besides the NF4 copies (not in the total), and glibc's "
+           "malloc can hold far more than the live tensors (MALLOC_MMAP_THRESHOLD_=131072 returns it; "
+           "see bench/plan_memory.py)" if device.kind == "cpu" else ""),
         f"activations at batch {cfg.train.batch_size} × {cfg.data.max_length} tokens (data.max_length, fully padded), "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}; "
         f"fits = at most {HEADROOM:.0%} of the device memory",

@@ -5,9 +5,12 @@ Notation: P total parameters (tied embeddings once), P_q the linear weights QLoR
 and the LM head), P_a the trainable adapter parameters, h hidden size, L layers, a attention
 heads, i the MLP's inner width, V vocabulary, s sequence length (``data.max_length``: the
 worst case, a batch padded to the limit), b the per-device batch (``train.batch_size``;
-gradient accumulation adds no memory). All figures are estimates of the peak, in bytes; the
-CUDA context, allocator fragmentation and framework buffers are not counted, which is what
-the 15% headroom is for.
+gradient accumulation adds no activation memory), w bytes per element of the compute dtype
+(``compute_bytes``: 2 for bf16 on a GPU, 4 for the fp32 the train stage uses on a CPU). All
+figures are estimates of the peak of live tensors, in bytes; the CUDA context, allocator
+slack and framework buffers are not counted, which is what the 15% headroom is for.
+Validated on a CPU against measured peak RSS by ``bench/plan_memory.py`` (README, "Plan
+before you run"); not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def activation_bytes(
     dropout: bool = False,
     weight_bytes: int = 2,
     scores: bool | None = None,
+    frozen: bool = False,
 ) -> float:
     """Activations kept for the backward pass, at the peak, in bytes, for w-byte compute.
 
@@ -89,12 +93,17 @@ def activation_bytes(
         layer  = w·s·b·(9·h + 2·i·(2 if gated else 1))         (i = 4h, w = 2 gives back 34·s·b·h)
         scores = (2·w + 1)·a·s²·b                              (eager attention only)
 
+    ``frozen`` (LoRA, QLoRA): a frozen linear or norm weight needs no input for its weight
+    gradient, so the two normalised inputs, the output projection's input and the down
+    projection's input are not kept: ``layer = w·s·b·(6·h + i·(3 if gated else 1))``.
+
     ``scores``: the attention probabilities and their dropout mask, stored only by eager
     attention; SDPA (transformers' default for Llama, GPT-2, Qwen2, Mistral, Falcon) and flash
     kernels keep q, k, v, the output and a log-sum-exp instead, already in the 9·h. None takes
     it from ``shape.attention`` (what transformers picks for the model). Measured with
     saved-tensor hooks on a 97M Llama, fp32, b·s = 512: SDPA 392.5 MiB at s = 128 and at s = 512
-    (the formula: 370 MiB), eager 428 / 536 MiB.
+    (the formula: 370 MiB), eager 428 / 536 MiB; a frozen base with LoRA r=16 on q, v and
+    dropout 0.05: 337.8 MiB (the formula with ``frozen``: 313 MiB).
 
     Adapters add, per adapted linear, its input as A sees it, ``(w + 1 if dropout else w)·s·b·in``
     (bf16: peft casts the input to the adapters' fp32 and autocast back to 16-bit, a copy; fp32:
@@ -105,15 +114,15 @@ def activation_bytes(
         checkpointing:     w·s·b·h·L + layer + scores + adapter   (each layer's input is kept;
                            one layer's activations are rebuilt at a time in backward)
 
-    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3). It is the same for
-    full fine-tuning and LoRA: a frozen base keeps a little less (a frozen linear needs no
-    input for its weight gradient: 338 vs 392 MiB in the measurement above), so LoRA's
-    estimate is conservative.
+    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3).
     """
     s, b, h, i, w = seq, batch, shape.hidden, shape.intermediate, weight_bytes
     if scores is None:
         scores = shape.attention == "eager"
-    layer = w * s * b * (9 * h + 2 * i * (2 if shape.gated_mlp else 1))
+    if frozen:
+        layer = w * s * b * (6 * h + i * (3 if shape.gated_mlp else 1))
+    else:
+        layer = w * s * b * (9 * h + 2 * i * (2 if shape.gated_mlp else 1))
     if scores:
         layer += (2 * w + 1) * shape.heads * s * s * b
     adapter = s * b * sum((w + 1 if dropout else w) * x.in_features + w * rank for x in adapted) / shape.layers
@@ -143,13 +152,21 @@ def trainable_biases(shape: ModelShape, adapted: list[Linear], bias: str) -> int
     return sum(x.out_features for x in pool if x.has_bias)
 
 
-def full_memory(shape: ModelShape, activations: float, weight_bytes: int = 2) -> Memory:
-    """Full fine-tuning with Adam: ``(2·w + 8)·P + activations``; 12·P in 16-bit, 16·P in fp32.
+def full_memory(shape: ModelShape, activations: float, weight_bytes: int = 2, accumulate: bool = False) -> Memory:
+    """Full fine-tuning with Adam: ``w·P + 8·P + max(w·P, activations)``; states 12·P in 16-bit, 16·P in fp32.
 
     Weights w·P, gradients w·P (w = 2 for 16-bit, 4 for fp32 on a CPU), Adam's fp32 moments 8·P.
+    Gradients and activations are not all alive at once: the Trainer frees the gradients after
+    each optimizer step (``zero_grad(set_to_none=True)``), and backward frees each layer's
+    activations as it makes that layer's gradients, so the peak holds about the larger of the two
+    (``freed = min(gradients, activations)``). With gradient accumulation (``accumulate``) the
+    gradients outlive the micro-batch and both count. Measured on a 97M Llama, fp32: 1,549 MiB
+    with every freed block returned (MALLOC_MMAP_THRESHOLD_), against 16·P + activations = 1,853.
     """
     p = shape.params_total
-    return Memory(weights=weight_bytes * p, trainable_state=(weight_bytes + 8) * p, activations=activations)
+    grads = weight_bytes * p
+    return Memory(weights=weight_bytes * p, trainable_state=grads + 8 * p, activations=activations,
+                  freed=0.0 if accumulate else min(grads, activations))
 
 
 def lora_memory(shape: ModelShape, trainable: int, activations: float, weight_bytes: int = 2) -> Memory:
@@ -198,16 +215,20 @@ def compute_bytes(compute_dtype: str, device_kind: str) -> int:
 
 
 def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, checkpoint_bytes: int = 4) -> float:
-    """File-backed memory a CPU run keeps besides ``Memory.total``: the checkpoint stays mapped.
+    """Resident file-backed memory a CPU QLoRA run keeps besides ``Memory.total`` (TRAPS 5).
 
-    transformers loads safetensors through mmap and the mapping outlives the load (TRAPS 5);
-    measured here for all three methods (bench/plan_memory.py: +363 to +368 MiB of RssFile for a
-    371 MiB fp32 checkpoint). Those pages belong to the page cache, are reclaimable under
-    pressure and are shared between processes, but they show in RSS. ``checkpoint_bytes``: the
-    checkpoint's dtype on disk (fp32: 4). A GPU's memory holds none of it: 0 there.
+    On a CPU transformers loads safetensors through mmap and, when the checkpoint's dtype is
+    the compute dtype, the parameters *are* the mapped pages (checked: all 371 MiB of a 97M
+    fp32 Llama's parameters alias the file). For LoRA that mapping is the frozen base itself,
+    counted in ``Memory.total``; full fine-tuning copies each page on its first write. A 4-bit
+    load reads every linear weight through the same mapping to quantize it and keeps the
+    mapping: those original weights, ``checkpoint_bytes·P_q``, stay resident besides the NF4
+    copies (page cache: reclaimable under pressure and shared between processes, but in RSS).
+    ``checkpoint_bytes``: the checkpoint's dtype on disk (fp32: 4). 0 for LoRA, full and on a GPU.
     """
-    del method  # the same for full, LoRA and QLoRA
-    return float(checkpoint_bytes * shape.params_total) if device_kind == "cpu" else 0.0
+    if device_kind != "cpu" or method != "qlora":
+        return 0.0
+    return float(checkpoint_bytes * shape.params_quantized)
 
 
 def flops_per_token(shape: ModelShape, method: str, trainable: int, checkpointing: bool) -> float:

@@ -44,11 +44,12 @@ class Memory:
     weights: float  # the model's weights as stored (16-bit, or 4-bit NF4 for QLoRA)
     trainable_state: float  # gradients and Adam states (and the adapters' fp32 weights)
     activations: float  # saved for backward, plus the fp32 logits of the loss
-    workspace: float = 0.0  # QLoRA: one linear's weight dequantized to 16-bit
+    workspace: float = 0.0  # QLoRA: one linear's weight dequantized to the compute dtype
+    freed: float = 0.0  # full: gradients and activations never all alive at once (estimates.full_memory)
 
     @property
     def total(self) -> float:
-        return self.weights + self.trainable_state + self.activations + self.workspace
+        return self.weights + self.trainable_state + self.activations + self.workspace - self.freed
 
     def gib(self) -> dict[str, float]:
         parts = asdict(self) | {"total": self.total}
@@ -93,7 +94,7 @@ class Plan:
     gradient_checkpointing: bool
     lints: list[Lint] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
-    mapped_bytes: float = 0.0  # CPU: the checkpoint stays memory-mapped (file-backed RSS, not in totals)
+    mapped_bytes: float = 0.0  # CPU QLoRA: original weights left memory-mapped (file-backed RSS, not in totals)
 
     @property
     def estimates_gib(self) -> dict[str, float]:

@@ -177,6 +177,33 @@ def test_activations_reduce_to_korthikanti_for_a_4h_mlp(tmp_path):
         L * (68 * s * b * h + 9 * a * s * s * b) + 4 * s * b * V)
 
 
+def test_frozen_base_keeps_fewer_activations(tmp_path):
+    """LoRA/QLoRA: frozen linears and norms keep no inputs for weight gradients: 6·h + 3·i per layer, not 9·h + 4·i."""
+    from transformers import AutoConfig
+
+    shape = planner.model_shape(AutoConfig.from_pretrained(model_dir(tmp_path, "llama", LLAMA2_7B)))
+    s, b, h, i, L, V = 512, 2, 4096, 11008, 32, 32000
+    logits = 4 * s * b * V
+    assert est.activation_bytes(shape, s, b, False) == pytest.approx(L * 2 * s * b * (9 * h + 4 * i) + logits)
+    assert est.activation_bytes(shape, s, b, False, frozen=True) == pytest.approx(L * 2 * s * b * (6 * h + 3 * i) + logits)
+    _, qv = planner.resolve_targets(shape, "attention-qv")
+    with_adapters = est.activation_bytes(shape, s, b, False, qv, 16, dropout=True, frozen=True)
+    # per adapted linear: its dropped-out 16-bit input + the 1-byte mask, and the rank-16 intermediate
+    assert with_adapters - est.activation_bytes(shape, s, b, False, frozen=True) == pytest.approx(
+        2 * L * s * b * (3 * h + 2 * 16))
+
+
+def test_full_peak_holds_the_larger_of_gradients_and_activations(tmp_path, root):
+    p = plan_for(tmp_path, root, LLAMA2_7B, "train.batch_size=1", "data.max_length=512")
+    full, P = p.memory["full"], p.params_total
+    assert full.freed == min(2 * P, full.activations)
+    assert full.total == pytest.approx(2 * P + 8 * P + max(2 * P, full.activations))
+    accum = plan_for(tmp_path, root, LLAMA2_7B, "train.batch_size=1", "data.max_length=512", "train.grad_accum=4")
+    assert accum.memory["full"].freed == 0  # accumulated gradients outlive each micro-batch
+    assert accum.memory["full"].total == pytest.approx(12 * P + full.activations)
+    assert p.memory["lora"].freed == 0 and p.memory["qlora"].freed == 0
+
+
 def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     """On a CPU the train stage computes in fp32 (compute_dtype auto): 4-byte weights, 16 bytes/param full."""
     gpu = plan_for(tmp_path, root, QWEN25_05B, gpu=24)
@@ -191,10 +218,13 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     bf16 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=bfloat16", gpu=None)
     assert bf16.memory["lora"].weights == 2 * P  # an explicit dtype is taken as given
     assert est.compute_bytes("auto", "gpu") == 2 and est.compute_bytes("float32", "gpu") == 4
-    # the checkpoint stays mapped on a CPU (TRAPS 5): its size on disk, by config.json's dtype; none on a GPU
-    assert gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * P  # no dtype in this config.json: fp32
+    # CPU QLoRA keeps the original linear weights mapped (TRAPS 5), at the checkpoint's dtype; LoRA's
+    # mapping is its base (in the total); nothing on a GPU
+    Pq = cpu.params_quantized
+    assert cpu.method == "qlora" and gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * Pq  # no dtype: fp32
     half = plan_for(tmp_path, root, QWEN25_05B | {"torch_dtype": "bfloat16"}, gpu=None)
-    assert half.mapped_bytes == 2 * P and half.to_dict()["mapped_checkpoint_gib"] == round(2 * P / 2**30, 3)
+    assert half.mapped_bytes == 2 * Pq and half.to_dict()["mapped_checkpoint_gib"] == round(2 * Pq / 2**30, 3)
+    assert plan_for(tmp_path, root, QWEN25_05B, "method=lora", gpu=None).mapped_bytes == 0
 
 
 def test_weight_formulas(tmp_path, root):

@@ -89,6 +89,7 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     out = model.predict(pd.DataFrame({"prompt": ["What is the opposite of hot?", "Is 37 even or odd?"]}))
     assert out == _reference_generate(tiny_llama, None, ["What is the opposite of hot?", "Is 37 even or odd?"])
     assert len(out) == 2 and all(isinstance(o, str) for o in out) and any(out)
+    assert model.predict([{"prompt": "What is the opposite of hot?"}]) == out[:1]  # the README's form
     meta = model.metadata
     assert meta.signature is not None and [c.name for c in meta.signature.inputs.inputs] == ["prompt", "input"]
     assert meta.saved_input_example_info is not None

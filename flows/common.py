@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,11 @@ from loraflow.errors import ConfigError, LoraflowError
 from loraflow.paths import Paths
 
 DEFAULT_TRAIN_DEPLOYMENT = "train/gpu"
+# Workers' logs are files: no artifact progress bars there (the CLI sets the same).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow error codes that no retry can fix (a transient failure is a timeout, a 5xx, a refused connection).
+PERMANENT_MLFLOW_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                           "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE")
 
 
 def plain(result: Any) -> dict[str, Any]:
@@ -73,7 +79,9 @@ def no_retry_on_user_error(task: Any, task_run: Any, state: Any) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as e:  # noqa: BLE001 - the stored exception itself
             exc = e
-    return not isinstance(exc, (LoraflowError, TimeoutError))
+    if isinstance(exc, (LoraflowError, TimeoutError)):
+        return False
+    return getattr(exc, "error_code", None) not in PERMANENT_MLFLOW_ERRORS
 
 
 def backoff(cfg: Config) -> list[float]:

@@ -49,10 +49,45 @@ def fetch_prepared(root: str, run_id: str) -> str:
     return handoff.download_prepared(Paths.at(root), run_id)
 
 
+class TrainingTimeout(TimeoutError):
+    """A training attempt ran past ``orchestration.train_timeout_s`` (never retried)."""
+
+
+def deadline_callback(seconds: float) -> Any:
+    """A TrainerCallback that stops training at the first step boundary past ``seconds`` from now.
+
+    It raises inside the training loop, so training really stops (no adapter is published) and the
+    task fails with one line. Prefect's own task timeout stays as a backstop for hangs outside the
+    loop: its alarm signal can land in any Python frame (even a callback that swallows it), so it
+    alone does not reliably stop a trainer.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    end = time.monotonic() + seconds
+
+    class Deadline(TrainerCallback):
+        def _check(self, state) -> None:
+            if time.monotonic() > end:
+                raise TrainingTimeout(
+                    f"training stopped at step {state.global_step} after {seconds:g} s "
+                    "(orchestration.train_timeout_s); raise it, or lower train.max_steps / train.epochs")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._check(state)
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self._check(state)
+
+    return Deadline()
+
+
 @task(name="train")
 def train_stage(config: Config, root: str, run_id: str) -> dict[str, Any]:
     """The train stage; a retry re-enters it and it resumes from its last checkpoint in outputs/checkpoints."""
-    return plain(tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=list(EXTRA_CALLBACKS)))
+    callbacks = [deadline_callback(config.orchestration.train_timeout_s), *EXTRA_CALLBACKS]
+    return plain(tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
 
 
 @task(name="upload adapter")
@@ -78,7 +113,7 @@ def train(run_id: str, config: dict[str, Any], root: str | None = None) -> dict[
     retrying(fetch_prepared, cfg).with_options(task_run_name=f"download prepared/ of run {run_id[:8]}")(root, run_id)
     result = retrying(train_stage, cfg).with_options(
         task_run_name=f"train {label(cfg)} on {where.split(' ')[0]}",
-        timeout_seconds=cfg.orchestration.train_timeout_s,
+        timeout_seconds=cfg.orchestration.train_timeout_s * 1.1 + 60,  # backstop; the deadline callback stops first
     )(cfg, root, run_id)
     retrying(publish_adapter, cfg).with_options(task_run_name=f"upload adapter/ to run {run_id[:8]}")(root, run_id)
 

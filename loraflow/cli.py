@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="exit 3 before anything runs when `loraflow plan` has warnings")
     run.set_defaults(func=cmd_run)
 
+    deploy = sub.add_parser("deploy", help="create the cpu/gpu work pools and prefect.yaml's deployments")
+    deploy.add_argument("--project", default=".", help="folder with prefect.yaml (default: .)")
+    deploy.set_defaults(func=cmd_deploy)
+
     stage = with_config(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
     stage.add_argument("name", choices=STAGES + ("base",))
     stage.add_argument("--strict", action="store_true",
@@ -116,8 +120,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     _hide_user_error_tracebacks()
     from flows.finetune import finetune
 
+    if cfg.orchestration.train_deployment:  # fail before the flow starts, in one line
+        from flows.finetune import require_server
+
+        require_server(cfg.orchestration.train_deployment)
     out = finetune(config=cfg, root=str(paths.root))
     _print_summary(out, paths)
+    return 0
+
+
+POOLS = ("cpu", "gpu")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Create the work pools (when missing) and every deployment of prefect.yaml, against PREFECT_API_URL."""
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    project = Path(args.project).resolve()
+    if not (project / "prefect.yaml").exists():
+        raise LoraflowError(f"deploy: {project}/prefect.yaml not found; run in the project folder or pass --project")
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise LoraflowError("deploy: no Prefect server set (PREFECT_API_URL is empty); start one with "
+                            "`prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def call(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(prefect + cmd, cwd=project, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " ".join((proc.stdout + proc.stderr).split())[-400:]
+            raise LoraflowError(f"deploy: {what} failed against {url}: {tail}")
+        return proc
+
+    for pool in POOLS:
+        if subprocess.run(prefect + ["work-pool", "inspect", pool], cwd=project, capture_output=True).returncode == 0:
+            print(f"work pool {pool}: exists")
+            continue
+        call(["work-pool", "create", pool, "--type", "process"], f"creating work pool {pool}")
+        print(f"work pool {pool}: created (process)")
+    call(["--no-prompt", "deploy", "--all"], "prefect deploy --all")
+    print(f"deployed from {project / 'prefect.yaml'} to {url}: finetune/nightly (pool cpu), train/gpu (pool gpu)")
+    print("next: `prefect worker start --pool cpu` here, `prefect worker start --pool gpu` on the GPU machine")
     return 0
 
 

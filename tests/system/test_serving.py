@@ -42,7 +42,8 @@ def test_mlflow_models_serve_answers_invocations_with_generated_text(tmp_path, t
     try:
         wait_http(proc, f"http://127.0.0.1:{port}/ping", log)
         body = {"dataframe_records": [{"prompt": "What is the opposite of hot?"},
-                                      {"prompt": "Is the number even or odd?", "input": "37"}]}
+                                      {"prompt": "Is the number even or odd?", "input": "37"}],
+                "params": {"max_new_tokens": 3}}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -55,5 +56,9 @@ def test_mlflow_models_serve_answers_invocations_with_generated_text(tmp_path, t
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
     # The server answers what the model answers in process (greedy: the same text).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    local = mlflow.pyfunc.load_model("models:/served@champion").predict(pd.DataFrame(body["dataframe_records"]))
+    model = mlflow.pyfunc.load_model("models:/served@champion")
+    local = model.predict(pd.DataFrame(body["dataframe_records"]), params={"max_new_tokens": 3})
     assert predictions == local and any(predictions)
+    # params reach the model: 3 new tokens here, not eval.max_new_tokens=6
+    longer = model.predict(pd.DataFrame(body["dataframe_records"]))
+    assert all(len(s) <= len(t) and t.startswith(s) for s, t in zip(local, longer)) and local != longer

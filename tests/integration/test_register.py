@@ -259,3 +259,31 @@ def test_two_pipelines_registering_at_once_both_get_versions_and_the_better_is_c
     assert float(versions["8"].tags["eval_exact_match"]) == 0.75
     # The gate's lock was released: only the real model is registered.
     assert [m.name for m in cl.search_registered_models()] == ["conc"]
+
+
+def test_retry_backs_off_on_a_locked_store_and_raises_anything_else_at_once():
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    calls: list[float] = []
+
+    def locked_twice():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert registry.retry(locked_twice, delay=0.01) == "ok" and len(calls) == 3
+    assert calls[2] - calls[0] >= 0.01 * (1 + 2) * 0.5  # backoff: at least half of 0.01 + 0.02 s
+
+    def bad_name():
+        calls.append(time.monotonic())
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no such model")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        registry.retry(bad_name, delay=0.01)
+    assert len(calls) == 1
+    with pytest.raises(MlflowException, match="locked"):
+        registry.retry(lambda: (_ for _ in ()).throw(MlflowException("database is locked")), attempts=2, delay=0.001)

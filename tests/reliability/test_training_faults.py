@@ -184,3 +184,23 @@ def test_a_prompt_past_max_length_stops_training_before_it_starts(tiny_llama, tm
                                             r"data.max_length=64 \(e.g. id long\)"):
         tasks.train.run(cfg, paths)
     assert not paths.adapter.exists() and not list(paths.checkpoints.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_out_of_memory_through_the_cli_is_one_line_and_exit_1(tiny_llama, tmp_path, monkeypatch):
+    """`loraflow stage train` with a real failed allocation at step 2: one error line, exit 1, no traceback."""
+    from tests.reliability.conftest import cli_in_process, error_line
+
+    write_prepared(tmp_path)
+    write_params(tmp_path, tiny_llama, train={"max_steps": 4})
+    run = tasks.train.run
+    monkeypatch.setattr(tasks.train, "run", lambda cfg, paths, tracker, callbacks=None:
+                        run(cfg, paths, tracker, callbacks=[Allocate(2, "torch")]))
+    with cli_in_process(tmp_path) as cli:
+        rc, err = cli("stage", "train", "-s", f"register.model_name=oom-{tmp_path.name}")
+    assert rc == 1
+    msg = error_line(err)
+    assert msg.startswith("loraflow: error: train: out of memory at step 3 (RuntimeError:"), msg
+    assert "-s method=qlora" not in msg  # already QLoRA: not advised again
+    assert "-s train.gradient_checkpointing=true" in msg
+    assert not Paths.at(tmp_path).adapter.exists()

@@ -117,8 +117,9 @@ def memory_estimates(
 
 
 def _checkpoint_bytes(config) -> int:
-    """Bytes per weight on disk, from config.json's ``dtype`` (``torch_dtype`` before transformers 5); fp32 if unsaid."""
-    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    """Bytes per weight on disk, from config.json's ``dtype`` (transformers 5 reads an older file's
+    ``torch_dtype`` into it; asking for ``torch_dtype`` itself warns); fp32 if unsaid."""
+    name = str(getattr(config, "dtype", None) or "float32")
     return 2 if name.removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 

@@ -128,23 +128,29 @@ def register_task(config: Config, root: str, run_id: str | None) -> dict[str, An
 # --------------------------------------------------------------------------------------------- training elsewhere
 
 
-def require_server(deployment: str) -> str:
-    """The Prefect API URL, or one line saying that training on ``deployment`` needs a server and how to get one."""
+def require_server(deployment: str | None) -> str | None:
+    """The Prefect API URL, or one line saying what needs a server and how to get one.
+
+    With ``deployment`` (training elsewhere) a server must be set and reachable; without, only a
+    set ``PREFECT_API_URL`` must be reachable (unset: Prefect starts a temporary local server).
+    """
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
+    what = f"orchestration.train_deployment is {deployment!r} but" if deployment else "PREFECT_API_URL is set but"
     fix = ("start one (`prefect server start`), `export PREFECT_API_URL=http://127.0.0.1:4200/api`, create the "
-           "deployments (`loraflow deploy`); or set orchestration.train_deployment: null to train in-process")
+           "deployments (`loraflow deploy`); or set orchestration.train_deployment: null to train in-process"
+           if deployment else "start it (`prefect server start`), or unset PREFECT_API_URL to use a temporary local server")
     if not url:
-        raise ConfigError(f"orchestration.train_deployment is {deployment!r} but no Prefect server is set "
-                          f"(PREFECT_API_URL is empty): {fix}")
+        if deployment:
+            raise ConfigError(f"{what} no Prefect server is set (PREFECT_API_URL is empty): {fix}")
+        return None
     import httpx
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
     except httpx.HTTPError as e:
-        raise ConfigError(f"orchestration.train_deployment is {deployment!r} but the Prefect server at {url} is not "
-                          f"reachable ({type(e).__name__}): {fix}") from None
+        raise ConfigError(f"{what} the Prefect server at {url} is not reachable ({type(e).__name__}): {fix}") from None
     return url
 
 

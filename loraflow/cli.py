@@ -120,10 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _hide_user_error_tracebacks()
     from flows.finetune import finetune
 
-    if cfg.orchestration.train_deployment:  # fail before the flow starts, in one line
-        from flows.finetune import require_server
+    from flows.finetune import require_server
 
-        require_server(cfg.orchestration.train_deployment)
+    require_server(cfg.orchestration.train_deployment)  # no server where one is needed: one line, before the flow
     out = finetune(config=cfg, root=str(paths.root))
     _print_summary(out, paths)
     return 0

@@ -330,9 +330,10 @@ def _handed_over_project(stack, tmp_path: Path, monkeypatch, name: str, **extra:
 
 def _run_train_flow(stack, cfg, run_id: str, root: Path):
     import flows.train
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+    # no logs to the API from this process: its log handler would still be flushing after the server stopped
+    with temporary_settings({PREFECT_API_URL: stack["api"], PREFECT_LOGGING_TO_API_ENABLED: False}):
         return flows.train.train(run_id=run_id, config=cfg.model_dump(mode="json"), root=str(root), return_state=True)
 
 
@@ -409,3 +410,16 @@ def test_data_error_is_not_retried_and_timeout_stops_training(stack, tmp_path, m
 
     step = int(re.search(r"training stopped at step (\d+)", state.message).group(1))
     assert step < 100  # stopped, not run on to 5000 steps
+
+
+@pytest.mark.parametrize("api_url, expect", [
+    ("", "no Prefect server is set (PREFECT_API_URL is empty)"),
+    ("http://127.0.0.1:9/api", "the Prefect server at http://127.0.0.1:9/api is not reachable"),
+])
+def test_train_deployment_without_a_server_is_one_line(tmp_path, api_url, expect):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_API_URL": api_url}
+    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "-s", "orchestration.train_deployment=train/gpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert expect in proc.stderr and "loraflow deploy" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1

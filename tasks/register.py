@@ -137,6 +137,9 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
     if cfg.register.log == "adapter":
         require_adapter(paths)
         config["base"] = base_reference(cfg, paths)
+        # Empty = where it was registered. Present so a consumer can override it at load time
+        # (MLflow only lets load_model(model_config=...) override keys that were logged).
+        config["base_location"] = ""
         artifacts = {"adapter": str(paths.adapter)}
         packages += ["peft"] + (["bitsandbytes"] if modeling.uses_4bit(cfg, paths) else [])
         extra_tags |= {"base_location": config["base"]["location"], "base_sha256": config["base"].get("sha256", ""),

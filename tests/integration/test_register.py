@@ -182,6 +182,9 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(Exception, match="differ from the registered"):
         mlflow.pyfunc.load_model("models:/ad@champion")
+    # The same weights elsewhere (another machine's path): model_config points there, sha256 still checked.
+    moved = mlflow.pyfunc.load_model("models:/ad@champion", model_config={"base_location": str(tiny_llama)})
+    assert moved.predict(pd.DataFrame({"prompt": instructions, "input": inputs})) == out
 
 
 def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama, tmp_path, monkeypatch, capsys):

@@ -32,15 +32,15 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
             f"{m}{chosen}",
             _size(mem.weights),
             _size(mem.trainable_state),
-            _size(mem.activations + mem.workspace - mem.freed),
+            _size(mem.activations + mem.workspace),
             f"[bold]{_size(mem.total)}[/bold]",
             "yes" if plan.fits(m, HEADROOM) else "[red]no[/red]",
             _duration(secs) if secs is not None else "?",
         )
     console.print(table)
     if plan.memory["full"].freed:
-        console.print(f"[dim]full: activations net of the {_size(plan.memory['full'].freed)} of gradients backward "
-                      "makes as it frees them (peak ≈ max of the two)[/dim]")
+        console.print(f"[dim]full: the total counts max(gradients, activations), not both: backward frees "
+                      f"activations as it makes gradients ({_size(plan.memory['full'].freed)} less)[/dim]")
     if plan.mapped_bytes:
         console.print(f"[dim]{plan.method}: + {_size(plan.mapped_bytes)} file-backed: the original weights stay "
                       "memory-mapped after a 4-bit load on a CPU (page cache, reclaimable; shows in RSS)[/dim]")

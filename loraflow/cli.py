@@ -153,12 +153,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             raise LoraflowError(f"deploy: {what} failed against {url}: {tail}")
         return proc
 
-    for pool in POOLS:
-        if subprocess.run(prefect + ["work-pool", "inspect", pool], cwd=project, capture_output=True).returncode == 0:
-            print(f"work pool {pool}: exists")
-            continue
-        call(["work-pool", "create", pool, "--type", "process"], f"creating work pool {pool}")
-        print(f"work pool {pool}: created (process)")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    # = `prefect work-pool create NAME --type process` (same default job template), without a CLI start per pool
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.read_work_pool(pool)
+                print(f"work pool {pool}: exists")
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(
+                    name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+                print(f"work pool {pool}: created (process)")
     call(["--no-prompt", "deploy", "--all"], "prefect deploy --all")
     print(f"deployed from {project / 'prefect.yaml'} to {url}: finetune/nightly (pool cpu), train/gpu (pool gpu)")
     print("next: `prefect worker start --pool cpu` here, `prefect worker start --pool gpu` on the GPU machine")

@@ -128,8 +128,7 @@ def stack(tmp_path_factory, tiny_models):
                               "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts",
                               "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
             store, base_env)
-        _wait_http(f"{api}/health", server, server_log, 180)
-        _wait_http(f"{mlflow_uri}/health", mlflow, mlflow_log, 180)
+        _wait_http(f"{api}/health", server, server_log, 180)  # MLflow comes up meanwhile; waited for below
 
         # The CPU box: a project folder (params.yaml, prefect.yaml, data) but no code: workers import the package.
         cpu_dir = tmp / "cpu-project"
@@ -159,6 +158,7 @@ def stack(tmp_path_factory, tiny_models):
         procs.start("worker-gpu", [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process"],
                     gpu_dir, worker_env | {"PREFECT_HOME": str(gpu_dir / ".prefect"),
                                            "LORAFLOW_WORK_DIR": str(gpu_dir / "work")})
+        _wait_http(f"{mlflow_uri}/health", mlflow, mlflow_log, 180)
         yield {"api": api, "mlflow": mlflow_uri, "cpu_dir": cpu_dir, "gpu_dir": gpu_dir, "logs": logs,
                "tiny_llama": tiny_models["llama"], "runs": {}}
     finally:
@@ -234,6 +234,8 @@ def test_nightly_deployment_trains_on_the_gpu_pool(stack):
     with _client(stack) as client:
         nightly = client.read_deployment_by_name("finetune/nightly")
         gpu = client.read_deployment_by_name("train/gpu")
+        pools = {name: client.read_work_pool(name).type for name in ("cpu", "gpu")}
+    assert pools == {"cpu": "process", "gpu": "process"}
     assert nightly.work_pool_name == "cpu" and gpu.work_pool_name == "gpu"
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.parameters["params"] == "params.yaml"

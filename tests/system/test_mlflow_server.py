@@ -82,6 +82,7 @@ def test_pipeline_over_http_registers_an_adapter_and_logs_everything(server, tmp
     mv = cl.get_model_version_by_alias("srv", "champion")
     assert mv.version == "1" and mv.tags["model_kind"] == "adapter"
     assert len(mv.tags["base_sha256"]) == 64
+    assert [m.name for m in cl.search_registered_models()] == ["srv"]  # the gate's lock was released
     # One run for the pipeline, with stage-prefixed metrics, the contract params and system info.
     exp = cl.get_experiment_by_name("srv")
     assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location

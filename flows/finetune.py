@@ -228,8 +228,11 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
         require_server(deployment)
 
     refresh = not (paths.split("train").exists() and paths.report("prepare").exists())
-    state = prepare_task.with_options(refresh_cache=refresh, task_run_name=f"prepare {cfg.data.path}")(
-        cfg, root, return_state=True)
+    prepare = prepare_task.with_options(task_run_name=f"prepare {cfg.data.path}")
+    state = prepare.with_options(refresh_cache=refresh)(cfg, root, return_state=True)
+    if state.name == "Cached" and not _prepared_matches(paths, state.result()):
+        # data/prepared/ was rewritten since (e.g. `loraflow stage prepare` with other params): prepare again
+        state = prepare.with_options(refresh_cache=True)(cfg, root, return_state=True)
     out: dict[str, Any] = {"prepare": state.result()}
     prepared_cached = state.name == "Cached"
     if prepared_cached:
@@ -296,6 +299,12 @@ def _train(cfg: Config, paths: Paths, run_id: str, data_digest: str, deployment:
         publish("train-summary", f"## train {label(cfg)}: skipped (cached)\n\nSame config, data and code as "
                 f"{mlflow_link(paths, source)}; its adapter was reused.", f"train {label(cfg)} (cached)")
     return result
+
+
+def _prepared_matches(paths: Paths, result: dict[str, Any]) -> bool:
+    from loraflow.digest import dataset_digest
+
+    return paths.split("train").exists() and dataset_digest(paths.prepared) == result.get("dataset_digest")
 
 
 def _has_adapter(paths: Paths, run_id: str | None) -> bool:

@@ -86,9 +86,19 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
         assert key in m, key
     assert len(cl.get_metric_history(run.info.run_id, "train_loss")) >= 3
 
+    # data/prepared/ rewritten outside the flow (other split params): the cached prepare is not trusted.
+    import tasks.prepare
+    from loraflow.digest import dataset_digest
+
+    digest = out["prepare"]["dataset_digest"]
+    tasks.prepare.run(load_config(None, overrides + ["data.val_fraction=0.3"]), paths)
+    assert dataset_digest(paths.prepared) != digest
+
     # Plain LoRA, a better loss target is not required: the gate decides on loss.
     out2 = finetune(config=load_config(None, overrides + ["method=lora"]), root=str(root))
     assert out2["register"]["version"] == "2"
+    assert out2["prepare"]["dataset_digest"] == digest == dataset_digest(paths.prepared)
+    assert tracking.client(paths).get_run(out2["mlflow_run_id"]).data.params["dataset_digest"] == digest
 
     # A worse run (barely trained) does not take champion.
     champion_before = registry.alias_version(cl, "pipe", "champion")

@@ -229,7 +229,8 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
 
     refresh = not (paths.split("train").exists() and paths.report("prepare").exists())
     prepare = prepare_task.with_options(task_run_name=f"prepare {cfg.data.path}")
-    state = prepare.with_options(refresh_cache=refresh)(cfg, root, return_state=True)
+    # None, not False: PREFECT_TASKS_REFRESH_CACHE=true still forces every stage to run
+    state = prepare.with_options(refresh_cache=True if refresh else None)(cfg, root, return_state=True)
     if state.name == "Cached" and not _prepared_matches(paths, state.result()):
         # data/prepared/ was rewritten since (e.g. `loraflow stage prepare` with other params): prepare again
         state = prepare.with_options(refresh_cache=True)(cfg, root, return_state=True)

@@ -75,14 +75,14 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
             n = dequantize_into(base, quantized)  # before any forward on the 4-bit model
             print(f"    dequantized {n} NF4 layers to fp32", file=sys.stderr)
         # The model as trained and evaluated: 4-bit base + adapter.
-        trained_logits = _logits(attach_adapter(quantized, paths), probe)
+        trained_logits = _logits(attach_adapter(quantized, paths, cfg.model.allow_pickle), probe)
         del quantized
     elif modeling.compute_dtype(cfg) != base.dtype:  # LoRA trained in bf16 (GPU): that is the trained model
         trained_logits = _logits(load_tuned(cfg, paths), probe)
 
     base = to_accelerator(base)
     latency_base = _latency_ms(base, probe)
-    model = attach_adapter(base, paths)
+    model = attach_adapter(base, paths, cfg.model.allow_pickle)
     unmerged_logits = _logits(model, probe)
     if trained_logits is None:  # plain LoRA in fp32: the unmerged model is the trained one
         trained_logits = unmerged_logits

@@ -72,14 +72,30 @@ def evaluated(tmp_path_factory, tiny_models):
     plant_adapter(cfg, paths)
     logged = {}
 
-    class Recorder:
-        run_id = None
+    from loraflow.tracking import NullTracker
+
+    class Recorder(NullTracker):  # every Tracker method; keeps the metrics and tables
+        def log_table(self, data, artifact_file):
+            TABLES[artifact_file] = data
 
         def log_metrics(self, metrics, step=None):
             logged.update(metrics)
 
     result = tasks.evaluate.run(cfg, paths, Recorder())
     return cfg, paths, result, logged
+
+
+TABLES: dict = {}
+
+
+def test_samples_table_matches_samples_jsonl(evaluated):
+    _, paths, _, _ = evaluated
+    samples = [json.loads(line) for line in paths.samples.read_text().splitlines()]
+    (name, table), = TABLES.items()
+    assert name.endswith(".json")
+    assert table["prompt"] == [r["prompt"] for r in samples]
+    assert table["reference"] == [r["reference"] for r in samples]
+    assert table["tuned_output"] == [r["tuned_output"] for r in samples]
 
 
 def test_evaluate_writes_reports(evaluated):

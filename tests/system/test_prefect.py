@@ -162,6 +162,14 @@ def stack(tmp_path_factory, tiny_models):
         yield {"api": api, "mlflow": mlflow_uri, "cpu_dir": cpu_dir, "gpu_dir": gpu_dir, "logs": logs,
                "tiny_llama": tiny_models["llama"], "runs": {}}
     finally:
+        # Deliver this process's pending Prefect events while the server is up: a later
+        # prefect_test_harness drains every events worker without a timeout, and one still
+        # aimed at a stopped server would hang it.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        EventsWorker.drain_all(timeout=30)
+        APILogWorker.drain_all(timeout=30)
         procs.stop()
 
 

@@ -80,7 +80,8 @@ def changed_stages(sh) -> dict[str, set[str]]:
 
 CODE = {
     "loraflow/readers.py": {"prepare", "train"},  # train: the planner counts records for method: auto
-    "loraflow/formats.py": {"prepare", "train"},
+    "loraflow/formats.py": {"prepare", "train", "register"},  # register: the served model renders prompts with it
+    "loraflow/rankcheck.py": {"train"},
     "loraflow/training.py": {"train"},
     "loraflow/generation.py": {"evaluate", "merge"},
     "tasks/merge.py": {"merge"},

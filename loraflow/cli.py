@@ -7,6 +7,7 @@ instant. A user error prints one line on stderr and exits non-zero, without a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -113,10 +114,49 @@ def _load(args: argparse.Namespace):
     return cfg, Paths.at(root)
 
 
+LOCK_FILE = ".loraflow.lock"
+
+
+@contextlib.contextmanager
+def project_lock(root: Path):
+    """Hold ``<root>/.loraflow.lock`` (fcntl.flock) for a whole ``run``/``stage``: two pipelines in one
+    project share data/prepared, outputs/ and reports/, so the second waits, saying for whom.
+
+    The kernel drops the lock when its holder dies (even by kill -9): a stale file never blocks.
+    """
+    import fcntl
+
+    fh = open(root / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            print(f"loraflow: waiting for another loraflow run in this project (pid {holder})", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     if args.strict and (code := _strict(cfg, paths, "run")):
         return code
+    from loraflow import tracking
+
+    tracking.require_reachable(paths)  # before prepare: an unreachable store fails in seconds, not after work
+    with project_lock(paths.root):
+        return _run(cfg, paths)
+
+
+def _run(cfg, paths) -> int:
     _hide_user_error_tracebacks()
     from flows.finetune import finetune
 
@@ -181,6 +221,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise LoraflowError(f"--strict: applies to `stage train` and `run`, not `stage {args.name}`")
         if code := _strict(cfg, paths, "stage train"):
             return code
+    from loraflow import tracking
+
+    if args.name in ("train", "evaluate", "merge", "register"):
+        tracking.require_reachable(paths)  # before any training: one line in seconds, not MLflow's retries
+    with project_lock(paths.root):
+        return _stage(args, cfg, paths)
+
+
+def _stage(args: argparse.Namespace, cfg, paths) -> int:
     from loraflow import tracking
     from loraflow.lineage import read_report
 

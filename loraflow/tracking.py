@@ -65,6 +65,39 @@ def tracking_uri(paths: Paths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}"
 
 
+# MLflow's HTTP client retries a refused connection for minutes by default (7 retries, backoff
+# factor 2, 120 s timeouts). Bounded here, before mlflow reads them: about 2+4+8 = 14 s of backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def require_reachable(paths: Paths, timeout: float = 5.0) -> None:
+    """A tracking server (``http(s)://`` URI) must answer ``/health``; one line otherwise.
+
+    Checked before anything trains, so an unreachable store fails in seconds, not after a run
+    (or after MLflow's own retries). A local sqlite store needs nothing.
+    """
+    uri = tracking_uri(paths)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from loraflow.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            why = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        why = type(getattr(e, "reason", e)).__name__
+    raise ConfigError(f"MLflow tracking server at {redact('uri', uri)} is not reachable ({why}); "
+                      "start it or unset MLFLOW_TRACKING_URI")
+
+
 def artifact_root(paths: Paths) -> str:
     return (paths.mlflow_dir / "artifacts").as_uri()
 
@@ -83,16 +116,56 @@ def redact(key: str, value: Any) -> Any:
     return value
 
 
+def _unreachable(e: BaseException) -> bool:
+    """A tracking server that stopped answering (after MLflow's bounded retries), not a refused request."""
+    try:
+        import requests
+
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:
+        pass
+    text = str(e)
+    return "API request to" in text and "failed with" in text
+
+
+def _store_call(fn):
+    """A tracker method whose server went away ends as one line (a LoraflowError), not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            from loraflow.errors import LoraflowError
+
+            self.unreachable = True  # finish() does not wait through the retries a second time
+            uri = redact("uri", str(getattr(self.client, "tracking_uri", "") or ""))
+            raise LoraflowError(
+                f"MLflow tracking server at {uri} stopped answering ({fn.__name__} of run {self.run_id}, after "
+                f"{os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES')} retries with backoff); the run is ended FAILED "
+                "by the next loraflow run started on this machine against that server") from None
+    return call
+
+
+RUN_HOST_TAG, RUN_PID_TAG = "loraflow.host", "loraflow.pid"
+
+
 class MlflowTracker:
     """Logs to one MLflow run, addressed by id through a client (no global active run)."""
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.unreachable = False
         # Keys already logged to this run: read once, then kept up to date here, so a stage that
         # logs params in several calls costs one get_run, not one per call.
         self._logged: set[str] | None = None
 
+    @_store_call
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not yet in the run (MLflow params are immutable: a resumed run skips the old ones)."""
         from mlflow.entities import Param
@@ -105,6 +178,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=fresh[i : i + 100])
         self._logged.update(p.key for p in fresh)
 
+    @_store_call
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time
 
@@ -119,11 +193,13 @@ class MlflowTracker:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    @_store_call
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(redact(k, v))) for k, v in tags.items()])
 
+    @_store_call
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -131,6 +207,7 @@ class MlflowTracker:
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_store_call
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
         """An MLflow dataset input ("Datasets used" in the UI); ``digest`` is DVC's md5 of the folder."""
         import json
@@ -140,10 +217,12 @@ class MlflowTracker:
         dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}))
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
+    @_store_call
     def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
         """A table artifact (columns of equal length) the UI shows in its evaluation view."""
         self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
+    @_store_call
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure as an image artifact (shown inline in the run's artifact view)."""
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -188,9 +267,15 @@ def experiment_id(cl: Any, name: str, paths: Paths) -> str:
 def start_run(paths: Paths, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> MlflowTracker:
     """Open a new MLflow run, log the software and device it runs on, and return a tracker bound
     to it (end it with ``finish``)."""
+    import socket
+
+    require_reachable(paths)
     cl = client(paths)
-    run = cl.create_run(experiment_id(cl, experiment, paths), run_name=run_name,
-                        tags={k: str(redact(k, v)) for k, v in (tags or {}).items()})
+    exp = experiment_id(cl, experiment, paths)
+    end_orphans(cl, exp)
+    run = cl.create_run(exp, run_name=run_name,
+                        tags={**{k: str(redact(k, v)) for k, v in (tags or {}).items()},
+                              RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid())})
     tracker = MlflowTracker(cl, run.info.run_id)
     tracker.log_params(system_params())
     return tracker
@@ -232,9 +317,54 @@ def resume(paths: Paths, run_id: str) -> MlflowTracker:
 
 
 def finish(tracker: Tracker, ok: bool) -> None:
-    """End the run as FINISHED or FAILED, so no orphan RUNNING run is left behind."""
-    if isinstance(tracker, MlflowTracker):
-        tracker.client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")
+    """End the run as FINISHED or FAILED, so no orphan RUNNING run is left behind.
+
+    With the server gone the run cannot be ended now: it stays RUNNING there until the next
+    ``start_run`` on this machine ends it (``end_orphans``); a failure already on its way is not
+    replaced by this one."""
+    if not isinstance(tracker, MlflowTracker):
+        return
+    if not (tracker.unreachable and not ok):  # known gone: no second round of retries
+        try:
+            tracker.client.set_terminated(tracker.run_id, status="FINISHED" if ok else "FAILED")
+            return
+        except Exception as e:
+            if ok or not _unreachable(e):
+                raise
+    import sys
+
+    print(f"loraflow: MLflow run {tracker.run_id} could not be ended (server unreachable); the next run "
+          "on this machine ends it FAILED", file=sys.stderr)
+
+
+def end_orphans(cl: Any, experiment: str) -> list[str]:
+    """End FAILED the RUNNING runs of ``experiment`` started on this host by a process that is gone
+    (killed, or its server went away before it could end them). Runs of live processes and of other
+    machines are left alone. Returns the ids ended."""
+    import socket
+
+    host = socket.gethostname()
+    ended = []
+    runs = cl.search_runs([experiment], filter_string=f"attributes.status = 'RUNNING' and tags.`{RUN_HOST_TAG}` = '{host}'",
+                          max_results=200)
+    for run in runs:
+        pid = run.data.tags.get(RUN_PID_TAG, "")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        cl.set_tag(run.info.run_id, "loraflow.ended_by", f"orphan cleanup by pid {os.getpid()}")
+        cl.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def loss_figure(train_log: Path) -> Any | None:

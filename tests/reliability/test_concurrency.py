@@ -1,0 +1,76 @@
+"""Two pipelines at once in one project: the second waits for the first (a per-project lock), then
+both finish and each one's reports and MLflow run carry its own params."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from loraflow.cli import LOCK_FILE
+from tests.reliability.conftest import BIN, kill, start, wait_for, write_params, write_prepared
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_trainings_in_one_project_run_one_after_the_other_and_both_finish(tmp_path, tiny_llama):
+    root = tmp_path / "p"
+    write_params(root, tiny_llama, train={"max_steps": 3})
+    write_prepared(root)
+    lock = root / LOCK_FILE
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    first = start([str(BIN / "loraflow"), "stage", "train", "-s", "lora.r=4"], root, logs[0])
+    procs = [first]
+    try:
+        # The second starts once the first holds the lock (its pid in the file): the order is known.
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first, 60, logs[0],
+                 "the first run's pid in the lock file")
+        second = start([str(BIN / "loraflow"), "stage", "train", "-s", "lora.r=2"], root, logs[1])
+        procs.append(second)
+        end = time.monotonic() + 240
+        for proc, log in zip(procs, logs):
+            proc.wait(timeout=max(1.0, end - time.monotonic()))
+            assert proc.returncode == 0, log.read_text()[-4000:]
+    finally:
+        for proc in procs:
+            kill(proc)
+
+    out_b = logs[1].read_text()
+    assert f"loraflow: waiting for another loraflow run in this project (pid {first.pid})" in out_b, out_b[-3000:]
+    assert "waiting for another" not in logs[0].read_text()
+    # The second finished last: the project's report and adapter are its own (r=2), complete.
+    report = json.loads((root / "reports" / "train.json").read_text())
+    assert report["lora_r"] == 2 and report["steps"] == 3, report
+    adapter = json.loads((root / "outputs" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2
+    # Each MLflow run logged its own rank and ended FINISHED.
+    from mlflow import MlflowClient
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = cl.search_runs([e.experiment_id for e in cl.search_experiments()])
+    assert sorted(r.data.params["lora_r"] for r in runs) == ["2", "4"], [r.data.params for r in runs]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert lock.read_text().strip() == str(procs[1].pid)
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
+    """flock dies with its holder: a pid left in the file by a kill -9 never blocks a later run."""
+    import subprocess
+    import sys
+
+    from loraflow.cli import project_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from loraflow.cli import project_lock\n"
+        f"with project_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        kill(holder)
+    t = time.monotonic()
+    with project_lock(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text().strip() != ""
+    assert time.monotonic() - t < 2

@@ -3,7 +3,6 @@ and mid-run (the real ``mlflow server`` is killed while training)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 

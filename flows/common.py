@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,54 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+
+def redacted_parameters(value: Any, key: str = "") -> Any:
+    """Flow parameters with secrets masked (``tracking.redact``): a secret-looking key's value, a
+    password in a URI, inside the config dict and inside ``-s KEY=VALUE`` overrides."""
+    if isinstance(value, dict):
+        return {k: redacted_parameters(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        if key == "overrides":
+            return [_redacted_override(o) for o in value]
+        return [redacted_parameters(v, key) for v in value]
+    return tracking.redact(key.rsplit(".", 1)[-1], value) if isinstance(value, str) else value
+
+
+def _redacted_override(item: Any) -> Any:
+    if not isinstance(item, str) or "=" not in item:
+        return item
+    import yaml
+
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    if not isinstance(parsed, str):  # a number or flag (eval.max_new_tokens=4) is no secret, as in the config
+        return item
+    return f"{key}={tracking.redact(key.strip().rsplit('.', 1)[-1], value)}"
+
+
+def redact_stored_parameters() -> None:
+    """Prefect stores a flow run's parameters in its API as given; rewrite them redacted once the
+    run starts (they were readable there from creation until now: seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    params = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
+              for k, v in (flow_run.parameters or {}).items()}
+    clean = redacted_parameters(params)
+    if clean == params:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, parameters=clean)
+    except Exception as e:  # noqa: BLE001 - say so, never stop the run for it
+        print(f"loraflow: could not redact this flow run's parameters in Prefect: {type(e).__name__}",
+              file=sys.stderr)

@@ -30,7 +30,8 @@ import tasks.merge
 import tasks.prepare
 import tasks.register
 from flows.common import (
-    DEFAULT_TRAIN_DEPLOYMENT, as_config, digest, label, mlflow_link, plain, publish, retrying, run_name, table,
+    DEFAULT_TRAIN_DEPLOYMENT, as_config, digest, label, mlflow_link, plain, publish, redact_stored_parameters,
+    retrying, run_name, table,
     tracker as _tracker,
 )
 from loraflow import handoff, tracking
@@ -223,6 +224,7 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
                else Path.cwd())
     paths = Paths.at(root)
     log = get_run_logger()
+    redact_stored_parameters()
     deployment = train_deployment(cfg)
     if deployment:
         require_server(deployment)

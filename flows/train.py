@@ -22,7 +22,9 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 import tasks.train
-from flows.common import as_config, label, mlflow_link, plain, publish, retrying, run_name, table, tracker
+from flows.common import (
+    as_config, label, mlflow_link, plain, publish, redact_stored_parameters, retrying, run_name, table, tracker,
+)
 from loraflow import handoff
 from loraflow.config import Config
 from loraflow.paths import Paths
@@ -103,6 +105,7 @@ def train(run_id: str, config: dict[str, Any], root: str | None = None) -> dict[
     its own, filled from MLflow). In-process the pipeline passes its own root and nothing is copied.
     """
     cfg = as_config(config)
+    redact_stored_parameters()  # the config parameter may hold a password in a URI
     root = root or work_dir(run_id)
     paths = Paths.at(root)
     log = get_run_logger()

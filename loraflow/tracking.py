@@ -102,7 +102,9 @@ def artifact_root(paths: Paths) -> str:
     return (paths.mlflow_dir / "artifacts").as_uri()
 
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|_key$|^key$|credential)", re.I)
+# "token" only as the last word of a key (HF_TOKEN, access_token): max_new_tokens, tokens_per_second
+# and tokenizer are counts and names, not secrets.
+SECRET_KEY = re.compile(r"((^|[._-])token$|secret|password|passwd|api[_-]?key|[._-]key$|^key$|credential)", re.I)
 URI_PASSWORD = re.compile(r"(://[^/\s:@]+):[^@/\s]+@")
 
 

@@ -27,3 +27,12 @@ def test_planted_secrets_are_redacted_in_the_store(tmp_path, monkeypatch):
     assert run.data.params["config.data.fields"] == '{"prompt": "postgresql://u:***@h/db"}'
     # System info is logged with every run.
     assert run.data.params["sys_mlflow"] and run.data.params["sys_device"].startswith(("cpu", "cuda"))
+
+
+def test_secret_looking_keys_and_counts_that_only_mention_tokens():
+    for key in ("HF_TOKEN", "config.hub.token", "access_token", "MY_API_KEY", "aws_secret_access_key",
+                "db_password", "config.x.credentials", "OPENAI_APIKEY"):
+        assert tracking.redact(key, "s3cr3t") == "***", key
+    for key in ("config.eval.max_new_tokens", "train_tokens_per_second", "supervised_tokens", "tokenizer",
+                "config.model.base", "lora_r", "monkey"):
+        assert tracking.redact(key, "visible") == "visible", key

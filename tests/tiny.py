@@ -80,3 +80,16 @@ def make_model(out: Path, arch: str = "llama", vocab_size: int = 512, seed: int 
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
+             ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
+
+
+def alpaca_records(n_numbers: int) -> list[dict]:
+    """A small learnable alpaca task: ten opposites, then even/odd for 0..n_numbers-1."""
+    return [{"instruction": f"What is the opposite of {a}?", "input": "", "output": b} for a, b in OPPOSITES] + [
+        {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
+        for n in range(n_numbers)
+    ]
+

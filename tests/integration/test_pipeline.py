@@ -17,18 +17,12 @@ import pytest
 from loraflow import registry, tracking
 from loraflow.config import load_config
 from loraflow.paths import Paths
+from tests.tiny import alpaca_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
-RECORDS = [
-    {"instruction": f"What is the opposite of {a}?", "input": "", "output": b}
-    for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
-                 ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
-] * 1 + [
-    {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
-    for n in range(60)
-]
+RECORDS = alpaca_records(60)
 
 
 def _project(tmp_path: Path, tiny_llama: Path) -> tuple[Path, list[str]]:

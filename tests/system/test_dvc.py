@@ -26,19 +26,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from tests.tiny import alpaca_records
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, and the `loraflow` that dvc.yaml's cmds call
 STAGES = ["base", "prepare", "train", "evaluate", "merge", "register"]
 
-RECORDS = [
-    {"instruction": f"What is the opposite of {a}?", "input": "", "output": b}
-    for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
-                 ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
-] + [
-    {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
-    for n in range(50)
-]
+RECORDS = alpaca_records(50)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,19 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.system.servers import free_port, start, stop, wait_http
+from tests.tiny import alpaca_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
-RECORDS = [
-    {"instruction": f"What is the opposite of {a}?", "input": "", "output": b}
-    for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
-                 ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
-] + [
-    {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
-    for n in range(40)
-]
+RECORDS = alpaca_records(40)
 SECRETS = {"HF_TOKEN": "hf_plantedTokenA1", "MY_API_KEY": "plantedKeyB2"}
 DB_PASSWORD = "plantedPwC3"
 

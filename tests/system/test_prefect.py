@@ -19,20 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.tiny import alpaca_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODEL_NAME = "sys-pipe"
 
-RECORDS = [
-    {"instruction": f"What is the opposite of {a}?", "input": "", "output": b}
-    for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
-                 ("old", "new"), ("wet", "dry"), ("hard", "soft"), ("happy", "sad"), ("early", "late")]
-] + [
-    {"instruction": "Is the number even or odd?", "input": str(n), "output": "even" if n % 2 == 0 else "odd"}
-    for n in range(60)
-]
+RECORDS = alpaca_records(60)
 
 
 def _overrides(tiny_llama: Path, **extra: Any) -> list[str]:

@@ -12,8 +12,10 @@ it into ``outputs/adapter/`` for evaluate and merge. The flows pass run ids, nev
 
 Caching: prepare is keyed on the data section, the model (its tokenizer counts tokens), the raw
 data's digest, the code digest and the project folder; training on the training-relevant config,
-the prepared data's digest, the code digest and the MLflow store. A re-run with nothing changed
-skips both (task state ``Cached``), says so in the log, and tags the MLflow run.
+the prepared data's digest, the code digest and the MLflow store. Both also on the base's weights
+(``loraflow.basedigest``: a folder's files by sha256, a hub id's cached commit), not only its
+name. A re-run with nothing changed skips both (task state ``Cached``), says so in the log, and
+tags the MLflow run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flows.common import (
     tracker as _tracker,
 )
 from loraflow import handoff, tracking
+from loraflow.basedigest import base_digest
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
 from loraflow.lineage import code_digest, dvc_lock_digest, git_commit
@@ -68,15 +71,17 @@ def prepare_key(context: Any, parameters: dict[str, Any]) -> str | None:
     if source is None:
         return None
     return "prepare-" + digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                                "source": source, "code": code_digest(), "root": str(root)})
+                                "source": source, "code": code_digest(), "root": str(root),
+                                "base": base_digest(cfg, Paths.at(root))})  # its weights, not only its name
 
 
 def train_key(context: Any, parameters: dict[str, Any]) -> str:
     cfg: Config = parameters["config"]
     dump = cfg.model_dump(mode="json")
+    paths = Paths.at(parameters["root"])
     return "train-" + digest({"config": {k: dump[k] for k in TRAIN_SECTIONS}, "data": parameters["dataset_digest"],
-                              "code": code_digest(),
-                              "mlflow": tracking.tracking_uri(Paths.at(parameters["root"]))})
+                              "code": code_digest(), "mlflow": tracking.tracking_uri(paths),
+                              "base": base_digest(cfg, paths)})  # new weights at the same path train again
 
 
 # --------------------------------------------------------------------------------------------- tasks

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy.set_defaults(func=cmd_deploy)
 
     stage = with_config(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
-    stage.add_argument("name", choices=STAGES + ("base",))
+    stage.add_argument("name", choices=STAGES + ("base", "base-digest"))
     stage.add_argument("--strict", action="store_true",
                        help="train only: exit 3 before training when `loraflow plan` has warnings")
     stage.set_defaults(func=cmd_stage)
@@ -233,6 +233,11 @@ def _stage(args: argparse.Namespace, cfg, paths) -> int:
     from loraflow import tracking
     from loraflow.lineage import read_report
 
+    if args.name == "base-digest":  # dvc.yaml's always-changed stage: which weights model.base is now
+        from loraflow.basedigest import write_digest_file
+
+        print(write_digest_file(cfg, paths))
+        return 0
     if args.name == "base":
         from loraflow.modeling import EMBEDDED_BASE, base_location
 

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from loraflow.basedigest import base_digest
 from loraflow.config import Config
 from loraflow.paths import Paths
 
@@ -68,6 +69,7 @@ def lineage_tags(cfg: Config, paths: Paths) -> dict[str, str]:
         "lora_scale": f"{cfg.lora.scale:g}",
         "lora_target_modules": json.dumps(cfg.lora.target_modules),
         "dataset_digest": str(prepare.get("dataset_digest", "unknown")),
+        "base_digest": base_digest(cfg, paths),  # which weights: a path or hub id alone does not say
         "git_commit": git_commit(paths.root),
         "code_digest": code_digest(),
     }
@@ -78,9 +80,10 @@ def lineage_tags(cfg: Config, paths: Paths) -> dict[str, str]:
 
 
 def lineage_key(cfg: Config, tags: dict[str, str]) -> str:
-    """One hash of (data, params, code): the same key is never registered twice."""
+    """One hash of (data, params, base weights, code): the same key is never registered twice."""
     blob = json.dumps(
-        {"config": cfg.model_dump(mode="json"), "data": tags.get("dataset_digest"), "code": tags.get("code_digest")},
+        {"config": cfg.model_dump(mode="json"), "data": tags.get("dataset_digest"), "code": tags.get("code_digest"),
+         "base": tags.get("base_digest")},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -49,21 +49,26 @@ def project(tmp_path_factory, tiny_models):
     params["data"]["path"] = "data/raw/x.jsonl"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
-    e = env(root) | {"DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1",
+    e = env(root) | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the `loraflow` of dvc.yaml's cmds
+                     "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1",
                      "DVC_SITE_CACHE_DIR": str(root.parent / "site-cache"),
                      "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
                      "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
 
     def sh(*cmd: str) -> str:
-        exe = str(BIN / cmd[0]) if cmd[0] == "dvc" else cmd[0]
+        exe = str(BIN / cmd[0]) if cmd[0] in ("dvc", "loraflow") else cmd[0]
         r = subprocess.run([exe, *cmd[1:]], cwd=root, env=e, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{' '.join(cmd)}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
         return r.stdout
 
     sh("git", "init", "-q")
+    sh("loraflow", "stage", "base-digest")  # models/base.digest.json, as `dvc repro` would write it
     sh("dvc", "commit", "--force", "--quiet")  # record every stage's deps, params and outputs as they are
-    assert json.loads(sh("dvc", "status", "--json")) == {}
+    assert json.loads(sh("dvc", "status", "--json")) == ALWAYS
     return root, sh
+
+
+ALWAYS = {"base-digest": ["always changed"]}  # `dvc status` of an up-to-date project: that stage runs on every repro
 
 
 def changed_stages(sh) -> dict[str, set[str]]:
@@ -137,26 +142,72 @@ def test_each_kind_of_change_marks_exactly_the_stages_that_read_it(project):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: a base outside the project is keyed by its path (model.base) only; "
-                   "dvc.yaml would need the folder as a dep of the stages that load it")
 def test_changing_the_weights_of_a_base_outside_the_project_reruns_its_readers(project, tiny_models, tmp_path):
+    """New weights at the same path outside the project: the always-changed base-digest stage writes
+    another fingerprint, and every stage that loads the base is out of date; an unchanged base
+    rewrites the same bytes (nothing else re-runs) and reads no weights again (the sha256 cache)."""
     root, sh = project
     outside = tmp_path / "my-base"
     shutil.copytree(tiny_models["llama"], outside)
     params = root / "params.yaml"
-    p = yaml.safe_load(params.read_text(encoding="utf-8"))
+    original = params.read_bytes()
+    p = yaml.safe_load(original)
     p["model"]["base"] = str(outside)
-    params.write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
-    shutil.rmtree(root / "models" / "base")
-    (root / "models" / "base").mkdir()
-    (root / "models" / "base" / "REFERENCE.md").write_text(f"model.base: {outside}\n")  # what `stage base` writes
-    sh("dvc", "commit", "--force", "--quiet")
-    assert changed_stages(sh) == {}
+    try:
+        params.write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
+        shutil.rmtree(root / "models" / "base")
+        sh("loraflow", "stage", "base")  # models/base/REFERENCE.md names the base outside
+        sh("dvc", "repro", "--single-item", "base-digest")
+        sh("dvc", "commit", "--force", "--quiet")
+        assert changed_stages(sh) == {}
+        digest = json.loads((root / "models" / "base.digest.json").read_text())
+        assert digest["source"] == "local" and digest["location"] == str(outside.resolve())
+        weights = digest["files"]["model.safetensors"]
 
-    from safetensors.torch import load_file, save_file
+        # a no-op repro of the stage: same bytes, so nothing downstream is out of date
+        cache = root / "models" / ".sha256-cache.json"
+        assert any(k.startswith(str(outside / "model.safetensors")) for k in json.loads(cache.read_text()))
+        sh("dvc", "repro", "--single-item", "base-digest")
+        assert changed_stages(sh) == {}
 
-    tensors = load_file(outside / "model.safetensors")
-    name = sorted(tensors)[0]
-    tensors[name] = tensors[name] + 1
-    save_file(tensors, outside / "model.safetensors", metadata={"format": "pt"})
-    assert {"prepare", "train", "evaluate", "merge"} <= set(changed_stages(sh))
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(outside / "model.safetensors")
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] + 1
+        save_file(tensors, outside / "model.safetensors", metadata={"format": "pt"})
+        assert changed_stages(sh) == {}  # DVC alone cannot see it: the path is outside the project
+        sh("dvc", "repro", "--single-item", "base-digest")
+        readers = {"prepare", "train", "evaluate", "merge", "register"}
+        assert changed_stages(sh) == {s: {"models/base.digest.json"} for s in readers}
+        assert json.loads((root / "models" / "base.digest.json").read_text())["files"]["model.safetensors"] != weights
+    finally:
+        params.write_bytes(original)
+
+
+def test_a_hub_base_is_keyed_by_its_cached_commit(tmp_path, monkeypatch):
+    """A hub id: the commit its revision resolves to in the local Hugging Face cache (read offline);
+    a 40-hex revision is that commit; not yet downloaded: no commit (the first load fetches it)."""
+    import huggingface_hub.constants
+
+    from loraflow.basedigest import fingerprint
+    from loraflow.config import load_config
+    from loraflow.paths import Paths
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    paths = Paths.at(tmp_path / "project")
+    refs = tmp_path / "hub" / "models--org--name" / "refs"
+    refs.mkdir(parents=True)
+
+    def fp(*overrides: str) -> dict:
+        return fingerprint(load_config(None, ["model.base=org/name", *overrides]), paths)
+
+    assert fp()["source"] == "hub" and fp()["commit"] is None  # not in the cache
+    (refs / "main").write_text("a" * 40)
+    first = fp()
+    assert first["commit"] == "a" * 40
+    (refs / "main").write_text("b" * 40)  # `main` moved: another model under the same name
+    assert fp()["commit"] == "b" * 40 and fp()["digest"] != first["digest"]
+    assert fp("model.revision=" + "c" * 40)["commit"] == "c" * 40  # pinned: no lookup
+    (refs / "v1").write_text("d" * 40)
+    assert fp("model.revision=v1")["commit"] == "d" * 40

@@ -41,8 +41,10 @@ def test_training_reruns_exactly_when_data_params_base_or_code_change(tmp_path, 
     write_raw(root, [alpaca(i) for i in range(24)])
     paths = Paths.at(root)
     cl = tracking.client(paths)
+    own_base = tmp_path / "base"  # a base outside the project whose weights this test rewrites in place
+    shutil.copytree(tiny_llama, own_base)
 
-    def pipeline(*extra: str, base: Path = tiny_llama) -> tuple[bool, dict]:
+    def pipeline(*extra: str, base: Path = own_base) -> tuple[bool, dict]:
         """One flow run; True when training ran in it (its own adapter), False when it was Cached."""
         out = ff.finetune(config=load_config(None, _overrides(base) + list(extra)), root=str(root))
         trained = out["train"]["adapter_run_id"] == out["mlflow_run_id"]
@@ -66,17 +68,20 @@ def test_training_reruns_exactly_when_data_params_base_or_code_change(tmp_path, 
     # A training param.
     assert pipeline("train.learning_rate=0.003")[0] is True, "a train param change did not re-run training"
 
-    # The base model: another base (a copy elsewhere: the key names the base, see the README's known gap).
-    other = tmp_path / "other-base"
-    shutil.copytree(tiny_llama, other)
-    assert pipeline("train.learning_rate=0.003", base=other)[0] is True, "a base change did not re-run training"
+    # The base model: new weights at the same path (the key holds the sha256 of its files, not its name).
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(own_base / "model.safetensors")
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] * 1.01}, own_base / "model.safetensors", metadata={"format": "pt"})
+    assert pipeline("train.learning_rate=0.003")[0] is True, "new base weights at the same path did not re-run training"
 
     # The code: the key's code input (what an edit of loraflow/ or tasks/ changes) is different.
     real = ff.code_digest()
     monkeypatch.setattr(ff, "code_digest", lambda: "edited-" + real)
-    assert pipeline("train.learning_rate=0.003", base=other)[0] is True, "a code change did not re-run training"
+    assert pipeline("train.learning_rate=0.003")[0] is True, "a code change did not re-run training"
     # Nothing changed since: Cached.
-    assert pipeline("train.learning_rate=0.003", base=other)[0] is False
+    assert pipeline("train.learning_rate=0.003")[0] is False
 
 
 def test_a_planted_secret_never_reaches_prefects_parameters_artifacts_or_logs(tmp_path, tiny_llama, prefect_server,

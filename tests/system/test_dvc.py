@@ -6,7 +6,8 @@ DVC outside git fails with DVC's own message.
 
 Slow (one temporary repository, about 3 minutes on 2 CPU cores): a copy of this work tree
 (``git ls-files`` plus untracked files, working-tree versions) on a tiny Llama and 60 records,
-``git init``; then ``dvc repro`` runs every stage once and a second one nothing; a params change
+``git init``; then ``dvc repro`` runs every stage once and a second one only the always-changed
+``base-digest`` (same bytes, so nothing after it); a params change
 re-runs exactly its stages; the dataset digest in MLflow is DVC's md5 of data/prepared; a forced
 register registers nothing twice; ``dvc exp run -S lora.r=4`` re-runs train onward and ``dvc exp
 show`` has its metrics; ``dvc push`` / ``dvc pull`` round-trips through a local remote.
@@ -30,7 +31,7 @@ from tests.tiny import alpaca_records
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, and the `loraflow` that dvc.yaml's cmds call
-STAGES = ["base", "prepare", "train", "evaluate", "merge", "register"]
+STAGES = ["base", "base-digest", "prepare", "train", "evaluate", "merge", "register"]
 
 RECORDS = alpaca_records(50)
 
@@ -43,6 +44,7 @@ COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors"]
 # What each stage runs: cmd_stage's branch for it and the stage module.
 ENTRY = {
     "base": ["loraflow.modeling", "loraflow.dvcmeta"],  # base_location, or the REFERENCE.md for another base
+    "base-digest": ["loraflow.basedigest"],  # models/base.digest.json: which weights model.base is
     "prepare": ["tasks.prepare"],
     "train": ["tasks.train", "loraflow.tracking", "loraflow.lineage"],  # cmd_stage opens the MLflow run, tagged
     "evaluate": ["tasks.evaluate", "loraflow.tracking", "loraflow.lineage"],  # ... and resumes it from train.json
@@ -52,6 +54,7 @@ ENTRY = {
 # Imported on the way but never run by the stage, so editing them must not re-run it.
 NOT_RUN = {
     "base": ["loraflow.planner"],  # modeling imports it for method: auto only
+    "base-digest": [],
     "prepare": ["loraflow.planner", "loraflow.basemodel"],  # base_location finds models/base built (a dep)
     "train": ["loraflow.basemodel"],
     "evaluate": ["loraflow.planner", "loraflow.basemodel"],  # the method comes from the adapter's record
@@ -221,6 +224,14 @@ def _copy_work_tree(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+# `dvc status --json` of an up-to-date project: base-digest runs on every repro (always_changed)
+ALWAYS = {"base-digest": ["always changed"]}
+
+
+def _up_to_date(repo) -> bool:
+    return json.loads(repo.sh("dvc", "status", "--json", stdout_only=True)) == ALWAYS
+
+
 def _stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
@@ -301,9 +312,12 @@ def _client(repo):
 
 @pytest.mark.slow
 def test_repro_runs_every_stage_once_and_then_nothing(repo):
-    assert _stages_run(repo.first) == STAGES, repo.first[-4000:]
+    first = _stages_run(repo.first)
+    assert sorted(first) == sorted(STAGES) and first[2:] == STAGES[2:], repo.first[-4000:]  # base, base-digest: any order
     assert set(_lock(repo.root)["stages"]) == set(STAGES)
-    assert _stages_run(repo.second) == [] and "Data and pipelines are up to date" in repo.second, repo.second
+    # the second: only the always-changed base-digest, which wrote the same bytes, so nothing after it
+    assert _stages_run(repo.second) == ["base-digest"], repo.second
+    assert all(f"Stage '{s}' didn't change" in repo.second for s in STAGES if s != "base-digest"), repo.second
     # another base model: the base stage built nothing and says what stands in for it
     base = repo.root / "models" / "base"
     assert not (base / "config.json").exists()
@@ -338,7 +352,7 @@ def test_a_param_change_reaches_exactly_the_stages_that_read_it(repo):
             assert changed == readers, (key, status)
     finally:
         params.write_text(original, encoding="utf-8")
-    assert "Data and pipelines are up to date" in repo.sh("dvc", "status")
+    assert _up_to_date(repo)
 
 
 @pytest.mark.slow
@@ -378,7 +392,7 @@ def test_forcing_register_registers_nothing_twice(repo):
 @pytest.mark.slow
 def test_exp_run_with_another_rank_reruns_train_onward_and_shows_its_metrics(repo):
     out = repo.sh("dvc", "exp", "run", "-S", "lora.r=4")
-    assert _stages_run(out) == ["train", "evaluate", "merge", "register"], out[-4000:]
+    assert _stages_run(out) == ["base-digest", "train", "evaluate", "merge", "register"], out[-4000:]
     assert "Stage 'prepare' didn't change" in out and "Stage 'base' didn't change" in out
 
     shown = json.loads(repo.sh("dvc", "exp", "show", "--json", stdout_only=True))
@@ -386,7 +400,7 @@ def test_exp_run_with_another_rank_reruns_train_onward_and_shows_its_metrics(rep
             and e["data"]["params"]["params.yaml"]["data"]["lora"]["r"] == 4]
     assert exps, json.dumps(shown)[:3000]
     metrics = exps[0]["data"]["metrics"]
-    missing = [r for r in STAGES[1:] if "data" not in metrics.get(f"reports/{r}.json", {})]
+    missing = [r for r in STAGES[2:] if "data" not in metrics.get(f"reports/{r}.json", {})]
     # dvc exp run commits the experiment with git: a git-ignored metrics file is left out of it
     assert not missing, f"no metrics for {missing} in the experiment commit (is reports/ git-ignored?): {metrics}"
     assert metrics["reports/train.json"]["data"]["lora_r"] == 4
@@ -421,6 +435,6 @@ def test_push_and_pull_through_a_local_remote(repo):
     assert "deleted" in repo.sh("dvc", "status")
 
     repo.sh("dvc", "pull")
-    assert "Data and pipelines are up to date" in repo.sh("dvc", "status")
+    assert _up_to_date(repo)
     assert (root / "data" / "raw" / "tiny.jsonl").read_bytes() == raw
     assert {p: dataset_digest(root / p) for p in digests} == digests

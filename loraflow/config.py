@@ -166,6 +166,12 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     save_steps: int = Field(50, description="Checkpoint every N steps; a re-run resumes from the last one.")
     logging_steps: int = Field(5, description="Log loss, learning rate and tokens/s every N steps.")
+    resume: Literal["auto", "restart"] = Field(
+        "auto",
+        description="auto: resume the last checkpoint of the same setup; an interrupted run's checkpoint of another "
+        "setup (data, base, method, LoRA or quantization config) is refused, a finished run's is replaced. "
+        "restart: discard outputs/checkpoints and start at step 0.",
+    )
 
     @field_validator("learning_rate")
     @classmethod

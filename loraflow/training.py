@@ -636,10 +636,16 @@ class Resume:
     note: str = ""  # what to tell the user
 
 
-def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int) -> Resume:
+def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int, restart: bool = False) -> Resume:
     """Resume from the last checkpoint when the same setup made it and it is not past the planned end.
 
-    Anything else (another setup, a shorter run than the checkpoint) removes the checkpoints and starts at 0.
+    A checkpoint of another setup (data, base, method, LoRA or quantization config): refused
+    (``TrainingError``) when its run was interrupted, since discarding hours of training for a
+    setting changed by mistake is worse than one line to read; when its run finished (the
+    last checkpoint is kept so that more steps continue it), removed, and training starts at 0:
+    ``dvc exp run -S lora.r=...`` after a finished run trains the new setup. ``restart``
+    (``train.resume: restart``), or a shorter run than the checkpoint, removes the checkpoints and
+    starts at 0.
     """
     import shutil
 
@@ -649,12 +655,25 @@ def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int) -> Resume:
         shutil.rmtree(d, ignore_errors=True)
     last = str(complete[-1]) if complete else None
     resume = Resume()
-    if last is not None:
+    if last is not None and restart:
+        resume.note = f"train.resume is restart: removed {_rel_to(paths.root, paths.checkpoints)}; starting at step 0"
+    elif last is not None:
         f = paths.checkpoints / FINGERPRINT_FILE
         old = json.loads(f.read_text()) if f.exists() else {}
         changed = [k for k in fp if old.get(k) != fp[k]]
         step = int(last.rsplit("-", 1)[-1])
         where = _rel_to(paths.root, last)
+        # Refused: what the run was about (data, base, method, LoRA, quantization). A changed training knob
+        # (a lower learning rate after a non-finite loss, a smaller batch after running out of memory) restarts.
+        # A file from before FINISHED existed counts as finished: restart, as before.
+        setup = [k for k in changed if not k.startswith("train.")]
+        if setup and not old.get(FINISHED, True):
+            what = "; ".join(_change(k, old.get(k), fp[k]) for k in setup[:4])
+            raise TrainingError(
+                f"train: {where} is from an interrupted run of another setup ({what}); resuming it would mix two "
+                f"setups. To start over at step 0 add -s train.resume=restart (or delete "
+                f"{_rel_to(paths.root, paths.checkpoints)}); to resume it, go back to that setup"
+            )
         if changed:
             resume.note = f"{where} is from another setup ({', '.join(changed[:4])} changed); starting at step 0"
         elif step > planned_steps:
@@ -665,8 +684,24 @@ def plan_resume(paths: Paths, fp: dict[str, Any], planned_steps: int) -> Resume:
                             if done else f"resuming from {where} (step {step} of {planned_steps})")
     if resume.checkpoint is None and paths.checkpoints.exists():
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    write_fingerprint(paths, fp)
+    write_fingerprint(paths, fp | {FINISHED: False})  # until mark_finished: a kill leaves an interrupted run
     return resume
+
+
+FINISHED = "finished"  # key of FINGERPRINT_FILE: the run that wrote the checkpoints ended successfully
+
+
+def mark_finished(paths: Paths) -> None:
+    """Record that training ended successfully: its kept checkpoint no longer blocks another setup."""
+    f = paths.checkpoints / FINGERPRINT_FILE
+    if f.exists():
+        write_fingerprint(paths, json.loads(f.read_text()) | {FINISHED: True})
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """``lora.r 8 -> 4`` for a short value; ``data.train_md5 changed`` for a digest, a list or a section."""
+    short = all(isinstance(v, (int, float, str, bool, type(None))) and len(str(v)) <= 24 for v in (old, new))
+    return f"{key} {old} -> {new}" if short and not key.endswith("md5") else f"{key} changed"
 
 
 def complete_checkpoints(paths: Paths) -> tuple[list[Path], list[Path]]:

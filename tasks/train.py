@@ -99,7 +99,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
 
     # resume only from a checkpoint of this same setup; anything else starts over
     fp = training.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
-    resume = training.plan_resume(paths, fp, training.planned_steps(trainer))
+    resume = training.plan_resume(paths, fp, training.planned_steps(trainer), restart=cfg.train.resume == "restart")
     if resume.note:
         training.say(resume.note)
     if resume.checkpoint:
@@ -136,6 +136,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / modeling.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
     last = training.keep_last_checkpoint(paths)
+    training.mark_finished(paths)  # its kept checkpoint now lets another setup start over (plan_resume)
     # How much of r the adapter uses (singular values of each B·A), and whether to raise r.
     adapter_rank = rankcheck.check_adapter(paths.adapter, trainer.state.log_history, cfg.lora.r, cfg.lora.alpha)
     tracker.log_metrics(adapter_rank.metrics(), step=steps)

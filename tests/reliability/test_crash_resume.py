@@ -3,8 +3,9 @@
 The kill lands while the next checkpoint is half written (the worst moment). The re-run removes
 that one, resumes from the last complete checkpoint (step, optimizer, scheduler and RNG restored),
 ends at the same step, and its loss and learning-rate curve equals an uninterrupted run's. A checkpoint from
-another setup (data, LoRA config, quantization config) is never resumed: it is removed and
-training starts at step 0, with a line that names what changed.
+another setup (data, LoRA config, quantization config) is never resumed: an interrupted run's is
+refused with one line (what changed, where, `-s train.resume=restart`), a finished run's (the kept
+last checkpoint) is removed and training starts at step 0, with a line that names what changed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from loraflow.config import load_config
 from loraflow.paths import Paths
-from tests.reliability.conftest import kill, run_cli, start, wait_for, write_params, write_prepared
+from tests.reliability.conftest import error_line, kill, run_cli, start, wait_for, write_params, write_prepared
 
 STEPS, SAVE = 12, 4
 
@@ -81,10 +82,20 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tiny_llama, tm
     half = paths.checkpoints / f"checkpoint-{2 * SAVE}"
     assert (half / "optimizer.pt").exists() and not (half / "trainer_state.json").exists()
 
-    # the same stage again: drops the half checkpoint, resumes from step 4 and redoes 5..12
+    # another rank by mistake: the half checkpoint dropped, then refused in one line, the last complete
+    # checkpoint kept for the resume below
+    r = run_cli(root, "stage", "train", "-c", str(params), "-s", "lora.r=4")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"outputs/checkpoints/checkpoint-{2 * SAVE} is incomplete (the run stopped while saving it)" in r.stderr
+    assert error_line(r.stderr) == (
+        f"loraflow: error: train: outputs/checkpoints/checkpoint-{SAVE} is from an interrupted run of another setup "
+        "(lora.r 8 -> 4); resuming it would mix two setups. To start over at step 0 add -s train.resume=restart "
+        "(or delete outputs/checkpoints); to resume it, go back to that setup")
+    assert (paths.checkpoints / f"checkpoint-{SAVE}" / "trainer_state.json").exists()
+
+    # the same stage again: resumes from step 4 and redoes 5..12
     r = run_cli(root, "stage", "train", "-c", str(params))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"outputs/checkpoints/checkpoint-{2 * SAVE} is incomplete (the run stopped while saving it)" in r.stderr
     assert f"resuming from outputs/checkpoints/checkpoint-{SAVE} (step {SAVE} of {STEPS})" in r.stderr
     report = json.loads(paths.report("train").read_text())
     assert report["steps"] == STEPS and report["resumed_from"] == f"outputs/checkpoints/checkpoint-{SAVE}"
@@ -119,11 +130,13 @@ def _checkpointed(root, tiny_llama, **sections):
 @pytest.mark.parametrize("change", ["data", "lora.r", "lora.target_modules", "quantization.double_quant",
                                     "quantization.quant_type"])
 def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_factory, change):
-    """What the code does today, on purpose: the old checkpoint is removed and training starts at step 0
-    with a note naming what changed. Refusing instead would break `dvc exp run -S lora.r=...`, which re-runs
-    train in a work tree whose checkpoints come from the previous setup."""
+    """An interrupted run's checkpoint of another setup: refused (one line: what changed, where, how to
+    start over); `train.resume: restart` starts at step 0. A finished run's kept checkpoint: removed, and
+    training starts at step 0 with a note naming what changed (so `dvc exp run -S lora.r=...` after a
+    finished run just trains)."""
     from loraflow import training
     from loraflow.digest import file_md5
+    from loraflow.errors import TrainingError
 
     # one trained project per session, copied per case (training it is the slow part)
     root0 = tmp_path_factory.getbasetemp() / "resume-base"
@@ -150,9 +163,28 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
         cfg = cfg.model_copy(update={section: sec})
         if key == "target_modules":
             targets = ["q_proj", "v_proj"]
-    resume = training.plan_resume(paths, training.fingerprint(cfg, targets, "qlora", digest), 5)
+    new = training.fingerprint(cfg, targets, "qlora", digest)
     named = {"data": "data.train_md5", "quantization.double_quant": "quantization",
              "quantization.quant_type": "quantization"}.get(change, change)
+    fp_file = paths.checkpoints / training.FINGERPRINT_FILE
+    assert json.loads(fp_file.read_text())[training.FINISHED] is False  # the plan_resume above started a run
+
+    # interrupted (no mark_finished after it): refused, nothing removed
+    with pytest.raises(TrainingError) as e:
+        training.plan_resume(paths, new, 5)
+    want = {"lora.r": "lora.r 8 -> 4", "lora.target_modules": "lora.target_modules changed"}.get(change,
+                                                                                                f"{named} changed")
+    assert (f"train: outputs/checkpoints/checkpoint-3 is from an interrupted run of another setup ({want}); "
+            "resuming it would mix two setups. To start over at step 0 add -s train.resume=restart") in str(e.value)
+    assert (paths.checkpoints / "checkpoint-3").is_dir()
+    assert training.plan_resume(paths, new, 5, restart=True).step == 0  # train.resume: restart
+    assert not list(paths.checkpoints.glob("checkpoint-*"))
+
+    # finished (what tasks.train leaves): the kept checkpoint is removed and training starts at 0
+    shutil.rmtree(paths.checkpoints)
+    shutil.copytree(root0 / "outputs" / "checkpoints", paths.checkpoints)
+    assert json.loads(fp_file.read_text())[training.FINISHED] is True
+    resume = training.plan_resume(paths, new, 5)
     assert resume.checkpoint is None and resume.step == 0
     assert f"is from another setup ({named} changed); starting at step 0" in resume.note
     assert not list(paths.checkpoints.glob("checkpoint-*"))  # removed: never mixed into the new run

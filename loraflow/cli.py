@@ -126,7 +126,14 @@ def project_lock(root: Path):
     """
     import fcntl
 
-    fh = open(root / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fh = open(root / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as e:  # a read-only project (or lock file): nothing could be written there anyway
+        raise LoraflowError(
+            f"cannot write the project lock {root / LOCK_FILE} ({e.strerror or type(e).__name__}): loraflow writes "
+            f"data/prepared, outputs/ and reports/ in the project folder; make {root} writable (chmod u+w) or run "
+            "from a writable copy of the project"
+        ) from None
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -74,3 +74,47 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     with project_lock(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text().strip() != ""
     assert time.monotonic() - t < 2
+
+
+
+def test_a_read_only_project_is_one_line_not_a_traceback(tmp_path, tiny_llama):
+    """A project folder that cannot be written: `loraflow stage` and `loraflow run` stop at the lock file
+    with one line (the lock's path, why, how to fix), exit 1, and write nothing. chmod does not stop root:
+    as root the folder is bind-mounted read-only in a private mount namespace of the command alone
+    (`unshare -m`; nothing changes outside it), as another user it is chmod 555."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.reliability.conftest import env, error_line
+
+    root = tmp_path / "ro"
+    write_params(root, tiny_llama)
+    write_prepared(root)
+    if os.geteuid() == 0:
+        if not shutil.which("unshare"):
+            pytest.skip("running as root without unshare(1): no way to make a folder read-only for root")
+        prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                  'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && shift && exec "$@"', str(root), "--"]
+        why = "Read-only file system"
+    else:
+        prefix, why = [], "Permission denied"
+        for d, _, _ in os.walk(root):
+            os.chmod(d, 0o555)
+    try:
+        probe = subprocess.run([*prefix, "touch", str(root / "probe")], capture_output=True, text=True)
+        if probe.returncode == 0 or why not in probe.stderr:
+            pytest.skip(f"cannot make {root} read-only here: {probe.stderr.strip()[-300:]}")
+        before = sorted(p.relative_to(root) for p in root.rglob("*"))
+        for argv in (["stage", "prepare"], ["stage", "train"], ["run"]):
+            r = subprocess.run([*prefix, str(BIN / "loraflow"), *argv], cwd=root, capture_output=True, text=True,
+                               timeout=120, env=env(root))
+            assert r.returncode == 1, (argv, r.stderr[-3000:])
+            assert error_line(r.stderr) == (
+                f"loraflow: error: cannot write the project lock {root / LOCK_FILE} ({why}): loraflow writes "
+                f"data/prepared, outputs/ and reports/ in the project folder; make {root} writable (chmod u+w) or "
+                "run from a writable copy of the project"), argv
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
+    finally:
+        for d, _, _ in os.walk(root):
+            os.chmod(d, 0o755)

@@ -137,12 +137,12 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-def start(argv: list[str], root: Path, log: Path) -> subprocess.Popen:
+def start(argv: list[str], root: Path, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """A process in its own session (so a kill reaches only it), output to ``log``."""
     fh = open(log, "wb")
     try:
-        return subprocess.Popen(argv, cwd=root, env=env(root), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(argv, cwd=root, env=env(root) | (extra_env or {}), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         fh.close()
 
@@ -165,3 +165,24 @@ def kill(proc: subprocess.Popen) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="package")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server (``prefect server start``) for the tier's tests that run `loraflow run` as
+    processes: with ``PREFECT_API_URL`` set, no process starts a temporary server of its own (8-12 s each)."""
+    from tests.system.servers import free_port, start as start_server, stop, wait_http
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    log = home / "server.log"
+    quiet = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+             "PREFECT_UI_ENABLED": "false"}
+    proc = start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
+                        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | quiet, cwd=home)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(proc, f"{url}/health", log)
+        yield url
+    finally:
+        stop(proc)

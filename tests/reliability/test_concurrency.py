@@ -1,5 +1,6 @@
 """Two pipelines at once in one project: the second waits for the first (a per-project lock), then
-both finish and each one's reports and MLflow run carry its own params."""
+both finish, each MLflow run carries its own params and the registry holds a version of each.
+A project folder that cannot be written is one line at the lock."""
 
 from __future__ import annotations
 
@@ -10,26 +11,41 @@ from pathlib import Path
 import pytest
 
 from loraflow.cli import LOCK_FILE
-from tests.reliability.conftest import BIN, kill, start, wait_for, write_params, write_prepared
+from tests.reliability.conftest import BIN, alpaca, kill, start, wait_for, write_params, write_prepared, write_raw
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_trainings_in_one_project_run_one_after_the_other_and_both_finish(tmp_path, tiny_llama):
+def flow_runs(api: str) -> list[dict]:
+    """Every flow run on the Prefect server, as its REST API returns them."""
+    import httpx
+
+    r = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_two_pipelines_in_one_project_run_one_after_the_other_and_register_two_versions(tmp_path, tiny_llama,
+                                                                                         prefect_api):
+    """Two `loraflow run` at once, other params, one project, one Prefect server: the second waits for the
+    first's lock, both finish, and the registry holds two new versions, each from its own MLflow run."""
+    from mlflow import MlflowClient
+
     root = tmp_path / "p"
-    write_params(root, tiny_llama, train={"max_steps": 3})
-    write_prepared(root)
+    write_params(root, tiny_llama, register={"model_name": "concurrent"})
+    write_raw(root, [alpaca(i) for i in range(24)])
     lock = root / LOCK_FILE
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    first = start([str(BIN / "loraflow"), "stage", "train", "-s", "lora.r=4"], root, logs[0])
+    server = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    first = start([str(BIN / "loraflow"), "run", "-s", "lora.r=4"], root, logs[0], server)
     procs = [first]
     try:
         # The second starts once the first holds the lock (its pid in the file): the order is known.
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first, 60, logs[0],
                  "the first run's pid in the lock file")
-        second = start([str(BIN / "loraflow"), "stage", "train", "-s", "lora.r=2"], root, logs[1])
+        second = start([str(BIN / "loraflow"), "run", "-s", "lora.r=2"], root, logs[1], server)
         procs.append(second)
-        end = time.monotonic() + 240
+        end = time.monotonic() + 400
         for proc, log in zip(procs, logs):
             proc.wait(timeout=max(1.0, end - time.monotonic()))
             assert proc.returncode == 0, log.read_text()[-4000:]
@@ -40,18 +56,26 @@ def test_two_trainings_in_one_project_run_one_after_the_other_and_both_finish(tm
     out_b = logs[1].read_text()
     assert f"loraflow: waiting for another loraflow run in this project (pid {first.pid})" in out_b, out_b[-3000:]
     assert "waiting for another" not in logs[0].read_text()
-    # The second finished last: the project's report and adapter are its own (r=2), complete.
+    # The second finished last: the project's reports and adapter are its own (r=2), complete.
     report = json.loads((root / "reports" / "train.json").read_text())
-    assert report["lora_r"] == 2 and report["steps"] == 3, report
-    adapter = json.loads((root / "outputs" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 2
-    # Each MLflow run logged its own rank and ended FINISHED.
-    from mlflow import MlflowClient
+    assert report["lora_r"] == 2 and report["steps"] == 4, report
+    assert json.loads((root / "outputs" / "adapter" / "adapter_config.json").read_text())["r"] == 2
 
+    # Two new versions, each registered from the MLflow run that trained it with its own rank.
     cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    runs = cl.search_runs([e.experiment_id for e in cl.search_experiments()])
-    assert sorted(r.data.params["lora_r"] for r in runs) == ["2", "4"], [r.data.params for r in runs]
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    versions = cl.search_model_versions("name='concurrent'")
+    assert len(versions) == 2, [(v.version, v.tags) for v in versions]
+    for v in versions:
+        run = cl.get_run(v.run_id)
+        assert run.info.status == "FINISHED"
+        assert v.tags["lora_r"] == run.data.params["lora_r"], (v.tags, run.data.params)
+    assert sorted(v.tags["lora_r"] for v in versions) == ["2", "4"]
+    registered = json.loads((root / "reports" / "register.json").read_text())
+    assert registered["name"] == "concurrent" and registered["lineage"]["lora_r"] == "2"
+    # Both pipelines, and the train subflow of each, are Completed flow runs on the one server.
+    ours = [r for r in flow_runs(prefect_api) if r["parameters"].get("root") == str(root)]
+    for kind in ([r for r in ours if "run_id" not in r["parameters"]], [r for r in ours if "run_id" in r["parameters"]]):
+        assert [r["state_type"] for r in kind] == ["COMPLETED", "COMPLETED"], ours
     assert lock.read_text().strip() == str(procs[1].pid)
 
 

@@ -37,7 +37,18 @@ def tracker(root: str, run_id: str | None) -> tracking.Tracker:
 
 def as_config(value: Config | dict[str, Any] | None, params: str | None = None,
               overrides: list[str] | None = None) -> Config:
-    """The typed config from a flow's parameters: a Config, its JSON form, or params.yaml + overrides."""
+    """The typed config from a flow's parameters: a Config, its JSON form, or params.yaml + overrides.
+
+    ``${env:NAME}`` values are read from this process's environment (``loraflow.secretref``: how
+    secrets reach a flow without being stored in its Prefect parameters)."""
+    from loraflow.secretref import has_reference, resolve
+
+    cfg = _as_config(value, params, overrides)
+    dump = cfg.model_dump(mode="json")
+    return Config.model_validate(resolve(dump)) if has_reference(dump) else cfg
+
+
+def _as_config(value: Config | dict[str, Any] | None, params: str | None, overrides: list[str] | None) -> Config:
     if isinstance(value, Config):
         return value
     if isinstance(value, dict):

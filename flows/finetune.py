@@ -42,6 +42,7 @@ from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
 from loraflow.lineage import code_digest, dvc_lock_digest, git_commit
 from loraflow.paths import Paths
+from loraflow.secretref import externalize
 
 TRAIN_SECTIONS = ("model", "data", "method", "quantization", "lora", "train")
 TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
@@ -107,7 +108,8 @@ def train_task(config: Config, root: str, run_id: str, dataset_digest: str, depl
     else:
         from flows.train import train
 
-        report = train(run_id=run_id, config=config.model_dump(mode="json"), root=str(paths.root))
+        # secrets as ${env:...} references (the subflow's stored parameters): it runs in this process
+        report = train(run_id=run_id, config=externalize(config.model_dump(mode="json")), root=str(paths.root))
     return {**report, "adapter_run_id": run_id, "trained_on": deployment or "in-process"}
 
 
@@ -170,7 +172,9 @@ def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str
     wait = o.train_timeout_s * (o.retries + 1) + 3600  # every attempt, plus an hour for a worker to pick it up
     log.info(f"training on deployment {deployment} (MLflow run {run_id}); waiting up to {wait} s")
     try:
-        child = run_deployment(name=deployment, parameters={"run_id": run_id, "config": cfg.model_dump(mode="json")},
+        # secrets as ${env:...} references: the deployment's worker reads them from its own environment
+        child = run_deployment(name=deployment, parameters={"run_id": run_id,
+                                                            "config": externalize(cfg.model_dump(mode="json"))},
                                flow_run_name=f"train {label(cfg)}", timeout=wait, poll_interval=2,
                                tags=["loraflow", f"mlflow-run:{run_id}"])
     except ObjectNotFound:

@@ -170,7 +170,10 @@ def _run(cfg, paths) -> int:
     from flows.finetune import require_server
 
     require_server(cfg.orchestration.train_deployment)  # no server where one is needed: one line, before the flow
-    out = finetune(config=cfg, root=str(paths.root))
+    from loraflow.secretref import externalize
+
+    # Prefect stores the parameters at creation, before the flow runs: secrets go as ${env:...} references
+    out = finetune(config=externalize(cfg.model_dump(mode="json")), root=str(paths.root))
     _print_summary(out, paths)
     return 0
 

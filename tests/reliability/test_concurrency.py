@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,25 +26,28 @@ def flow_runs(api: str) -> list[dict]:
     return r.json()
 
 
-def test_two_pipelines_in_one_project_run_one_after_the_other_and_register_two_versions(tmp_path, tiny_llama,
-                                                                                         prefect_api):
-    """Two `loraflow run` at once, other params, one project, one Prefect server: the second waits for the
-    first's lock, both finish, and the registry holds two new versions, each from its own MLflow run."""
-    from mlflow import MlflowClient
+PASSWORD = "plantedPwC7"  # in the second run's -s override: must never reach the Prefect API
 
-    root = tmp_path / "p"
-    write_params(root, tiny_llama, register={"model_name": "concurrent"})
+
+@pytest.fixture(scope="module")
+def two_pipelines(tmp_path_factory, tiny_models, prefect_api) -> SimpleNamespace:
+    """Two `loraflow run` at once in one project, other params, one real Prefect server; the second
+    carries a database URI with a password in a `-s` override."""
+    tmp = tmp_path_factory.mktemp("two-pipelines")
+    root = tmp / "p"
+    write_params(root, tiny_models["llama"], register={"model_name": "concurrent"})
     write_raw(root, [alpaca(i) for i in range(24)])
     lock = root / LOCK_FILE
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    server = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    logs = [tmp / "a.log", tmp / "b.log"]
+    server = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp / "prefect-home")}
     first = start([str(BIN / "loraflow"), "run", "-s", "lora.r=4"], root, logs[0], server)
     procs = [first]
     try:
         # The second starts once the first holds the lock (its pid in the file): the order is known.
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first, 60, logs[0],
                  "the first run's pid in the lock file")
-        second = start([str(BIN / "loraflow"), "run", "-s", "lora.r=2"], root, logs[1], server)
+        second = start([str(BIN / "loraflow"), "run", "-s", "lora.r=2",
+                        "-s", f"data.fields.prompt=postgresql://loader:{PASSWORD}@db/x"], root, logs[1], server)
         procs.append(second)
         end = time.monotonic() + 400
         for proc, log in zip(procs, logs):
@@ -52,9 +56,19 @@ def test_two_pipelines_in_one_project_run_one_after_the_other_and_register_two_v
     finally:
         for proc in procs:
             kill(proc)
+    ours = [r for r in flow_runs(prefect_api) if r["parameters"].get("root") == str(root)]
+    return SimpleNamespace(root=root, logs=logs, pids=[p.pid for p in procs], api=prefect_api, flow_runs=ours)
 
+
+def test_two_pipelines_in_one_project_run_one_after_the_other_and_register_two_versions(two_pipelines):
+    """The second waits for the first's lock, both finish, and the registry holds two new versions, each
+    from its own MLflow run."""
+    from mlflow import MlflowClient
+
+    root, logs = two_pipelines.root, two_pipelines.logs
     out_b = logs[1].read_text()
-    assert f"loraflow: waiting for another loraflow run in this project (pid {first.pid})" in out_b, out_b[-3000:]
+    assert f"loraflow: waiting for another loraflow run in this project (pid {two_pipelines.pids[0]})" in out_b, \
+        out_b[-3000:]
     assert "waiting for another" not in logs[0].read_text()
     # The second finished last: the project's reports and adapter are its own (r=2), complete.
     report = json.loads((root / "reports" / "train.json").read_text())
@@ -73,10 +87,43 @@ def test_two_pipelines_in_one_project_run_one_after_the_other_and_register_two_v
     registered = json.loads((root / "reports" / "register.json").read_text())
     assert registered["name"] == "concurrent" and registered["lineage"]["lora_r"] == "2"
     # Both pipelines, and the train subflow of each, are Completed flow runs on the one server.
-    ours = [r for r in flow_runs(prefect_api) if r["parameters"].get("root") == str(root)]
+    ours = two_pipelines.flow_runs
     for kind in ([r for r in ours if "run_id" not in r["parameters"]], [r for r in ours if "run_id" in r["parameters"]]):
         assert [r["state_type"] for r in kind] == ["COMPLETED", "COMPLETED"], ours
-    assert lock.read_text().strip() == str(procs[1].pid)
+    assert (root / LOCK_FILE).read_text().strip() == str(two_pipelines.pids[1])
+
+
+def test_a_secret_override_is_never_a_prefect_parameter_not_even_before_the_flow_starts(two_pipelines):
+    """`loraflow run -s data.fields.prompt=postgresql://loader:PW@db/x`: the flow run is created with the
+    reference ${env:LORAFLOW_SECRET_DATA_FIELDS_PROMPT} (the flow's own redaction at start would have
+    left `loader:***@`, so the stored reference is what creation stored), the value reaches the flow
+    through the process environment (MLflow logs it, redacted), and neither the flow runs, their task
+    runs, logs and artifacts on the server nor the command's output hold the password."""
+    import httpx
+    from mlflow import MlflowClient
+
+    ref = "${env:LORAFLOW_SECRET_DATA_FIELDS_PROMPT}"
+    api, root = two_pipelines.api, two_pipelines.root
+    second = [r for r in two_pipelines.flow_runs if r["parameters"]["config"]["lora"]["r"] == 2]
+    assert len(second) == 2  # the pipeline and its train subflow
+    for run in second:
+        assert run["parameters"]["config"]["data"]["fields"]["prompt"] == ref, run["parameters"]
+    # the flow resolved it: the MLflow run logged the real value, through tracking.redact
+    cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run_id = json.loads((root / "reports" / "train.json").read_text())["mlflow_run_id"]
+    assert cl.get_run(run_id).data.params["config.data.fields.prompt"] == "postgresql://loader:***@db/x"
+
+    ids = [r["id"] for r in two_pipelines.flow_runs]
+    dumps = [json.dumps(two_pipelines.flow_runs)]
+    for path, body in (("task_runs/filter", {"flow_runs": {"id": {"any_": ids}}}),
+                       ("logs/filter", {"logs": {"flow_run_id": {"any_": ids}}}),
+                       ("artifacts/filter", {})):
+        r = httpx.post(f"{api}/{path}", json=body | {"limit": 200}, timeout=30)
+        r.raise_for_status()
+        assert r.json() or path == "artifacts/filter", path
+        dumps.append(r.text)
+    dumps += [log.read_text() for log in two_pipelines.logs]
+    assert not any(PASSWORD in d for d in dumps)
 
 
 def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):

@@ -162,3 +162,39 @@ def test_a_params_file_with_a_python_tag_is_refused_without_running_it(tmp_path)
     assert rc == 2
     assert "params.yaml:2: not valid YAML (could not determine a constructor for the tag" in error_line(err)
     assert not marker.exists()
+
+
+def test_secret_values_travel_as_environment_references_and_an_unset_one_is_one_line(monkeypatch):
+    """What `loraflow run` hands a flow (loraflow.secretref): each secret-looking value becomes
+    ${env:LORAFLOW_SECRET_<KEY>} with the value in the environment; the flow's as_config reads it back;
+    a reference to an unset variable (a deployment's worker without it) is one ConfigError line."""
+    import os
+
+    from flows.common import as_config
+    from loraflow.config import load_config
+    from loraflow.errors import ConfigError
+    from loraflow.secretref import externalize
+
+    cfg = load_config(None, ["data.fields.prompt=postgresql://u:pw9@db/x", "data.fields.hf_token=hf_abc",
+                             "data.path=data/raw/x.jsonl", "lora.r=4"])
+    environ: dict[str, str] = {}
+    sent = externalize(cfg.model_dump(mode="json"), environ)
+    assert sent["data"]["fields"] == {"prompt": "${env:LORAFLOW_SECRET_DATA_FIELDS_PROMPT}",
+                                      "hf_token": "${env:LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN}"}
+    assert environ == {"LORAFLOW_SECRET_DATA_FIELDS_PROMPT": "postgresql://u:pw9@db/x",
+                       "LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN": "hf_abc"}
+    assert "pw9" not in json.dumps(sent) and "hf_abc" not in json.dumps(sent)
+    assert sent["data"]["path"] == "data/raw/x.jsonl" and sent["lora"]["r"] == 4  # the rest as it was
+    assert externalize(sent, environ) == sent  # a reference is left as it is
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert as_config(sent) == cfg
+    monkeypatch.delenv("LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN")
+    with pytest.raises(ConfigError) as e:
+        as_config(sent)
+    assert str(e.value) == (
+        "data.fields.hf_token: refers to ${env:LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN}, which is not set in this "
+        "process's environment; set LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN where the flow runs (for a deployment: "
+        "in its worker's environment)")
+    assert os.environ.get("LORAFLOW_SECRET_DATA_FIELDS_HF_TOKEN") is None

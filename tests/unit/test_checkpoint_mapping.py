@@ -1,0 +1,42 @@
+"""A 4-bit CPU load drops its memory-mapped checkpoint (TRAPS 5); a full-precision load keeps it on purpose."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from loraflow import modeling
+from loraflow.config import load_config
+from loraflow.paths import Paths
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+
+
+def _aliasing(model) -> list[str]:
+    """Names of the tensors that point into a mapped *.safetensors file."""
+    ranges = modeling._weight_file_mappings()
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+
+
+def test_4bit_load_keeps_no_view_of_the_checkpoint(tiny_llama, tmp_path):
+    import torch
+
+    cfg = load_config(None, [f"model.base={tiny_llama}", "quantization.compute_dtype=float32"])
+    paths = Paths.at(tmp_path)
+    full = modeling.load_model(cfg, paths, quantized=False)
+    # fp32 from an fp32 checkpoint: every parameter is the mapped file itself (why LoRA keeps it)
+    assert len(_aliasing(full)) == len(list(full.parameters())) > 0
+    reference = {n: p.detach().clone() for n, p in full.named_parameters()}
+    del full
+
+    q = modeling.load_model(cfg, paths, quantized=True)
+    assert modeling.count_4bit_layers(q) == 14 and _aliasing(q) == []
+    assert not any(str(tiny_llama) in line for line in open("/proc/self/maps"))  # the mapping itself is gone
+    # the copies are the same numbers, and a tied head stays tied to its embedding
+    for name, p in q.named_parameters():
+        if p.dtype == torch.float32 and name in reference:
+            assert torch.equal(p, reference[name]), name
+    out_emb, in_emb = q.get_output_embeddings(), q.get_input_embeddings()
+    assert (out_emb.weight is in_emb.weight) == bool(q.config.tie_word_embeddings)

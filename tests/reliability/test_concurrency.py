@@ -111,7 +111,7 @@ def test_a_secret_override_is_never_a_prefect_parameter_not_even_before_the_flow
     # the flow resolved it: the MLflow run logged the real value, through tracking.redact
     cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     run_id = json.loads((root / "reports" / "train.json").read_text())["mlflow_run_id"]
-    assert cl.get_run(run_id).data.params["config.data.fields.prompt"] == "postgresql://loader:***@db/x"
+    assert cl.get_run(run_id).data.params["config.data.fields"] == '{"prompt": "postgresql://loader:***@db/x"}'
 
     ids = [r["id"] for r in two_pipelines.flow_runs]
     dumps = [json.dumps(two_pipelines.flow_runs)]

@@ -1,6 +1,7 @@
 """Training throughput: loraflow's train stage vs the plain QLoRA script a user would write.
 
-    .venv/bin/python bench/train_throughput.py [--reps 3] [--records 1000] [--work /tmp/lf-bench]
+    .venv/bin/python bench/train_throughput.py [--reps 3] [--records 1000] [--batch-size 8] [--grouped]
+                                                [--baseline-dtype bfloat16|float32] [--work /tmp/lf-bench]
 
 Same model (a random-init ~5M-parameter Llama with the embedded base's tokenizer; nothing is
 downloaded), same data (``--records`` alpaca records of log-normal length, prepared once by loraflow),
@@ -8,7 +9,9 @@ same knobs (QLoRA NF4 + double quant, r=16, alpha=32, q/v, batch 8, one epoch, l
 256) and so the same supervised tokens. Each run is a fresh process; the two sides alternate, and
 the table shows medians (this machine has minutes-long slow spells: TRAPS.md 8). Throughput is
 supervised (answer + EOS) tokens per second of ``trainer.train``; model loading is not counted.
-Writes ``bench/results/train_throughput-<date>-<device>.json``.
+``--grouped`` adds a third side: loraflow with ``train.batching=group_by_length`` (the padded,
+length-grouped batches ``auto`` replaces with padding-free ones where the model passes the check).
+Writes ``bench/results/train_throughput-<date>-<device>-<baseline dtype>-b<batch>.json``.
 """
 
 from __future__ import annotations
@@ -40,21 +43,25 @@ def main() -> int:
     ap.add_argument("--baseline-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="the baseline's bnb_4bit_compute_dtype (tutorials: bfloat16; on a CPU without AVX512-BF16 "
                          "it was 15x slower than float32 in a first smoke run here, so compare against float32 too)")
-    ap.add_argument("--one", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=KNOBS["batch_size"], help="train.batch_size of both sides")
+    ap.add_argument("--grouped", action="store_true", help="also run loraflow with train.batching=group_by_length")
+    ap.add_argument("--one", choices=["ours", "baseline", "grouped"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
+    KNOBS["batch_size"] = args.batch_size
     if args.one:
         KNOBS["compute_dtype"] = args.baseline_dtype
         print(json.dumps(_run_one(args.one, work)))
         return 0
 
     _setup(work, args.records)
-    runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    sides = ["baseline", "ours"] + (["grouped"] if args.grouped else [])
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for rep in range(args.reps):
-        order = ["baseline", "ours"] if rep % 2 == 0 else ["ours", "baseline"]
+        order = sides if rep % 2 == 0 else sides[::-1]
         for side in order:
             out = subprocess.run([sys.executable, __file__, "--one", side, "--work", str(work),
-                                  "--baseline-dtype", args.baseline_dtype],
+                                  "--baseline-dtype", args.baseline_dtype, "--batch-size", str(args.batch_size)],
                                  capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -107,7 +114,7 @@ def _setup(work: Path, records: int) -> None:
     (work / "bench.json").write_text(json.dumps({"model_params": params, "records": records}), encoding="utf-8")
 
 
-def _overrides(work: Path) -> list[str]:
+def _overrides(work: Path, side: str = "ours") -> list[str]:
     return [
         f"model.base={work / 'model'}", f"data.path={work / 'data' / 'bench.jsonl'}", "data.format=alpaca",
         f"data.max_length={KNOBS['max_length']}", "data.val_fraction=0.02", "data.test_fraction=0.02",
@@ -115,7 +122,7 @@ def _overrides(work: Path) -> list[str]:
         "lora.target_modules=attention-qv", "train.epochs=1", f"train.batch_size={KNOBS['batch_size']}",
         f"train.learning_rate={KNOBS['learning_rate']}", "train.save_steps=100000", "train.logging_steps=10",
         f"train.seed={KNOBS['seed']}",
-    ]
+    ] + (["train.batching=group_by_length"] if side == "grouped" else [])
 
 
 def _run_one(side: str, work: Path) -> dict:
@@ -146,10 +153,18 @@ def _run_one(side: str, work: Path) -> dict:
 
     shutil.rmtree(work / "outputs", ignore_errors=True)  # never resume from the previous rep's checkpoint
     clock = Clock()
-    cfg = load_config(ROOT / "params.yaml", _overrides(work))
+    cfg = load_config(ROOT / "params.yaml", _overrides(work, side))
     result = tasks.train.run(cfg, paths, callbacks=[clock])
+    report = json.loads(paths.report("train").read_text(encoding="utf-8"))
     return {"seconds": clock.seconds, "supervised_tokens": result.supervised_tokens, "steps": result.steps,
-            "final_loss": result.train_loss if result.train_loss is not None else float("nan")}
+            "final_loss": result.train_loss if result.train_loss is not None else float("nan"),
+            "batching": report.get("batching"), "compute_dtype": str(modeling_dtype(cfg))}
+
+
+def modeling_dtype(cfg):
+    from loraflow.modeling import compute_dtype
+
+    return compute_dtype(cfg)
 
 
 def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -160,24 +175,38 @@ def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     def rate(side: str) -> float:
         return statistics.median(r["supervised_tokens"] / r["seconds"] for r in runs[side])
 
-    base, ours = rate("baseline"), rate("ours")
+    rates = {side: rate(side) for side in runs}
+    base = rates["baseline"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = json.loads((Path(args.work) / "bench.json").read_text(encoding="utf-8"))
-    print(f"\ntraining throughput, median of {args.reps} alternating runs ({device}, {os.cpu_count()} cores, "
-          f"{info['model_params']:,}-param Llama, {info['records']} records, baseline compute {args.baseline_dtype})")
-    print(f"{'':10s} {'supervised tok/s':>17s} {'final loss':>11s} {'ratio':>6s}")
-    for side, r in (("baseline", base), ("loraflow", ours)):
-        loss = statistics.median(x["final_loss"] for x in runs["ours" if side == "loraflow" else side])
-        print(f"{side:10s} {r:17.1f} {loss:11.3f} {r / base:6.2f}x")
-    out = ROOT / "bench" / "results" / f"train_throughput-{datetime.date.today()}-{device}-{args.baseline_dtype}.json"
+    native_bf16 = _native_bf16()
+    print(f"\ntraining throughput, median of {args.reps} alternating runs ({device}, {os.cpu_count()} cores, native "
+          f"bf16: {native_bf16}, {info['model_params']:,}-param Llama, {info['records']} records, batch "
+          f"{KNOBS['batch_size']}, baseline compute {args.baseline_dtype})")
+    print(f"{'':10s} {'supervised tok/s':>17s} {'final loss':>11s} {'ratio':>6s}  batching / compute")
+    names = {"baseline": "baseline", "ours": "loraflow", "grouped": "grouped"}
+    for side, r in rates.items():
+        loss = statistics.median(x["final_loss"] for x in runs[side])
+        how = "" if side == "baseline" else f"  {runs[side][0].get('batching')} / {runs[side][0].get('compute_dtype')}"
+        print(f"{names[side]:10s} {r:17.1f} {loss:11.3f} {r / base:6.2f}x{how}")
+    out = (ROOT / "bench" / "results" /
+           f"train_throughput-{datetime.date.today()}-{device}-{args.baseline_dtype}-b{KNOBS['batch_size']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": str(datetime.date.today()), "device": device, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "torch": torch.__version__, "knobs": KNOBS, **info,
-        "baseline_compute_dtype": args.baseline_dtype,
-        "runs": runs, "median_supervised_tok_s": {"baseline": base, "loraflow": ours}, "ratio": ours / base,
+        "cores": os.cpu_count(), "cpu_native_bf16": native_bf16, "torch": torch.__version__, "knobs": KNOBS, **info,
+        "baseline_compute_dtype": args.baseline_dtype, "reps": args.reps,
+        "runs": runs, "median_supervised_tok_s": {names[k]: v for k, v in rates.items()},
+        "ratio": rates["ours"] / base,
+        **({"ratio_grouped": rates["grouped"] / base} if "grouped" in rates else {}),
     }, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT)}")
+
+
+def _native_bf16() -> bool:
+    from loraflow.modeling import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 if __name__ == "__main__":

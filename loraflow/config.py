@@ -160,6 +160,13 @@ class TrainSection(Section):
     learning_rate: float = Field(2e-4, description="Peak learning rate of the adapter.")
     batch_size: int = Field(8, description="Examples per device step.")
     grad_accum: int = Field(1, description="Steps accumulated per optimizer update.")
+    batching: Literal["auto", "padding_free", "group_by_length", "padded"] = Field(
+        "auto",
+        description="How a batch's examples are laid out. padding_free: end to end in one row, no padding, each "
+        "example attending only to itself; group_by_length: padded, examples of similar length together; padded: "
+        "shuffled and padded (a plain Trainer's way). auto: padding_free when the model keeps packed examples apart "
+        "(checked before training: packed and padded examples must give the same loss), else group_by_length.",
+    )
     warmup_ratio: float = Field(0.03, description="Share of steps spent warming up the learning rate.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")

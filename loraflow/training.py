@@ -116,8 +116,14 @@ def trainable_params(model: "torch.nn.Module") -> tuple[int, int]:
 # Trainer
 
 
-def sft_config(cfg: Config, paths: Paths, compute_dtype: "torch.dtype") -> "SFTConfig":
-    """Every SFTConfig value that matters, set on purpose (TRAPS 3: its defaults differ from Trainer's)."""
+def sft_config(
+    cfg: Config, paths: Paths, compute_dtype: "torch.dtype", batching: str = "group_by_length"
+) -> "SFTConfig":
+    """Every SFTConfig value that matters, set on purpose (TRAPS 3: its defaults differ from Trainer's).
+
+    ``batching`` is the resolved layout (``choose_batching``): padding-free batches come from the collator
+    ``build_trainer`` passes, so TRL's own ``padding_free`` stays off (it would refuse ``max_length``).
+    """
     import torch
     from trl import SFTConfig
 
@@ -134,8 +140,9 @@ def sft_config(cfg: Config, paths: Paths, compute_dtype: "torch.dtype") -> "SFTC
             max_length=cfg.data.max_length,
             packing=False,
             padding_free=False,
-            # Length-grouped batches: far less padding on varied lengths (TRAPS 4: 2.4x on CPU).
-            train_sampling_strategy="group_by_length",
+            # Padded batches: length-grouped ones carry far less padding on varied lengths (TRAPS 4: 2.4x on
+            # CPU). Padding-free batches have none to save, and keep the plain shuffled batches.
+            train_sampling_strategy="group_by_length" if batching == "group_by_length" else "random",
             # The optimization.
             learning_rate=t.learning_rate,
             lr_scheduler_type=t.lr_scheduler,
@@ -240,6 +247,59 @@ def _trainer_class():
     return LoraflowSFTTrainer
 
 
+@dataclass
+class Batching:
+    """How the trainer lays out a batch: ``mode`` (padding_free | group_by_length | padded), why, and the
+    collator (None: TRL's padding one)."""
+
+    mode: str
+    reason: str
+    collator: Any = None
+
+
+PACKING_CHECK_EXAMPLES = 3
+
+
+def choose_batching(
+    cfg: Config, model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", rows: list[dict],
+    compute_dtype: "torch.dtype",
+) -> Batching:
+    """Resolve ``train.batching``. padding_free (asked for, or tried by auto) needs a model whose attention
+    keeps packed examples apart: checked here on a few training examples, packed vs padded, before training."""
+    import torch
+
+    from loraflow import packing
+
+    asked = cfg.train.batching
+    if asked in ("group_by_length", "padded"):
+        return Batching(asked, "as configured")
+    why_not = packing.ineligible(model, cfg.data.max_length)
+    result = None
+    if why_not is None:
+        before = packing.enable(model)
+        examples = []
+        for r in rows[:PACKING_CHECK_EXAMPLES]:
+            ids = tokenizer(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"][: cfg.data.max_length]
+            if len(ids) >= 2:
+                examples.append({"input_ids": ids, "labels": list(ids)})
+        # fp32 paths agree to ~1e-6; bf16/fp16 roundings differ with the batch layout, cross-example attention
+        # moves the loss of every token after the first example by far more than either.
+        tolerance = 1e-3 if compute_dtype == torch.float32 else 5e-2
+        result = packing.check(model, examples, tokenizer.pad_token_id, tolerance)
+        if result.ok:
+            return Batching("padding_free", "auto: packed and padded examples give the same per-token loss on this "
+                            f"model, max difference {result.max_abs_diff:.1e}" if asked == "auto" else
+                            f"as configured; packed vs padded per-token loss differ by {result.max_abs_diff:.1e}",
+                            packing.collator(tokenizer.pad_token_id))
+        packing.restore(model, before)
+        why_not = (f"packed and padded examples give different losses on it (max per-token difference "
+                   f"{result.max_abs_diff:.3g} > {result.tolerance:g}): its attention would cross examples")
+    if asked == "padding_free":
+        raise ConfigError(f"train.batching: padding_free is not safe for this model: {why_not}; "
+                          "use -s train.batching=group_by_length")
+    return Batching("group_by_length", f"auto: not padding-free, {why_not}")
+
+
 def build_trainer(
     cfg: Config,
     paths: Paths,
@@ -265,20 +325,24 @@ def build_trainer(
     if compute_dtype is None:
         compute_dtype = torch.float32
     ensure_pad_token(tokenizer)
+    batching = choose_batching(cfg, model, tokenizer, train_rows, compute_dtype)
+    say(f"batching: {batching.mode} ({batching.reason})")
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # five "map" bars per split say nothing on a few thousand rows
     try:
         trainer = _trainer_class()(
             model=model,
-            args=sft_config(cfg, paths, compute_dtype),
+            args=sft_config(cfg, paths, compute_dtype, batching.mode),
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(val_rows) if val_rows else None,
             processing_class=tokenizer,
+            data_collator=batching.collator,
             callbacks=list(callbacks or []),
         )
     finally:
         if bars:
             datasets.enable_progress_bars()
+    trainer.batching = batching
     trainer.counts = TokenCounts()
     # TRL casts a quantized model's adapter to bf16 (the QLoRA paper's choice with bf16 compute). With fp32
     # compute (CPU) that only loses precision: an AdamW step of 2e-5 on a weight of 1e-2 is below bf16's 3 digits.
@@ -615,6 +679,7 @@ def fingerprint(cfg: Config, targets: list[str], method: str, train_digest: str)
         "train.learning_rate": cfg.train.learning_rate,
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
+        "train.batching": cfg.train.batching,  # group_by_length orders the data differently: no mixed epochs
         "train.lr_scheduler": cfg.train.lr_scheduler,
         "train.warmup_ratio": cfg.train.warmup_ratio,
         "train.seed": cfg.train.seed,

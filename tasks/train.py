@@ -165,6 +165,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         "mlflow_run_id": tracker.run_id,
         "last_checkpoint": _rel(paths, last) if last else None,
         "seconds": round(time.perf_counter() - started, 1),
+        "batching": trainer.batching.mode,  # what train.batching resolved to (auto: padding_free when safe)
         "adapter": adapter_rank.to_dict(),
     }
     report.pop("supervised_tokens")

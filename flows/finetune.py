@@ -85,6 +85,53 @@ def train_key(context: Any, parameters: dict[str, Any]) -> str:
                               "base": base_digest(cfg, paths)})  # new weights at the same path train again
 
 
+def _after_training(cfg: Config, paths: Paths) -> dict[str, Any] | None:
+    """What evaluate and merge read besides their own config section: the adapter (its bytes), the
+    test split, the base (its weights), the code; None (no caching) without an adapter or test split."""
+    from loraflow.digest import dataset_digest, file_md5
+
+    test = paths.split("test")
+    if not (paths.adapter / "adapter_config.json").exists() or not test.exists():
+        return None
+    return {"adapter": dataset_digest(paths.adapter), "test": file_md5(test), "model": cfg.model.model_dump(mode="json"),
+            "base": base_digest(cfg, paths), "max_length": cfg.data.max_length, "code": code_digest(),
+            "root": str(paths.root)}
+
+
+def evaluate_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    cfg: Config = parameters["config"]
+    inputs = _after_training(cfg, Paths.at(parameters["root"]))
+    return None if inputs is None else "evaluate-" + digest({**inputs, "eval": cfg.eval.model_dump(mode="json")})
+
+
+def merge_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Also the evaluate report: merge compares its merged loss with the tuned loss there."""
+    from loraflow.digest import file_md5
+
+    cfg: Config = parameters["config"]
+    paths = Paths.at(parameters["root"])
+    inputs = _after_training(cfg, paths)
+    if inputs is None:
+        return None
+    evaluated = file_md5(paths.report("evaluate")) if paths.report("evaluate").exists() else None
+    return "merge-" + digest({**inputs, "merge": cfg.merge.model_dump(mode="json"), "eval_batch": cfg.eval.batch_size,
+                              "evaluate_report": evaluated})
+
+
+def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
+    """A stamp of what ``stage`` leaves on disk, stored with its cached result: a cache hit is
+    trusted only while the files are still those (a ``loraflow stage`` run in between rewrites them).
+    Small reports by md5; the merged model by name, size and mtime (hashing a 7B model costs a minute)."""
+    from loraflow.digest import file_md5
+
+    files = [paths.report(stage)] + ([paths.samples] if stage == "evaluate" else [])
+    stamp: dict[str, Any] = {str(f.relative_to(paths.root)): file_md5(f) if f.exists() else None for f in files}
+    if stage == "merge":
+        stamp["merged"] = sorted([p.relative_to(paths.merged).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                 for p in paths.merged.rglob("*") if p.is_file()) if paths.merged.is_dir() else None
+    return stamp
+
+
 # --------------------------------------------------------------------------------------------- tasks
 
 
@@ -100,8 +147,13 @@ def upload_prepared_task(root: str, run_id: str) -> str:
 
 @task(name="train", cache_key_fn=train_key, persist_result=True)
 def train_task(config: Config, root: str, run_id: str, dataset_digest: str, deployment: str | None) -> dict[str, Any]:
-    """Train in-process (the ``train`` subflow) or on ``deployment``; the adapter ends up in ``adapter/`` of the run."""
+    """Train in-process (the ``train`` subflow) or on ``deployment``; the adapter ends up in ``adapter/`` of the run.
+
+    The planner's lints run here, just before training: a cached training skips them with it (they
+    would load the model's config through transformers, seconds of imports on a no-op re-run) and
+    the flow copies the lints of the run it reuses."""
     paths = Paths.at(root)
+    _lint(config, paths, _tracker(root, run_id))
     if deployment:
         _train_on_deployment(config, paths, run_id, deployment)
         report = handoff.read_json_artifact(paths, run_id, "reports/train.json")
@@ -118,14 +170,16 @@ def download_adapter_task(root: str, run_id: str) -> None:
     handoff.download_adapter(Paths.at(root), run_id)
 
 
-@task(name="evaluate", task_run_name="evaluate base vs tuned")
+@task(name="evaluate", task_run_name="evaluate base vs tuned", cache_key_fn=evaluate_key, persist_result=True)
 def evaluate_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return plain(tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
+    return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "evaluate")}
 
 
-@task(name="merge", task_run_name="merge into {config.merge.base} base")
+@task(name="merge", task_run_name="merge into {config.merge.base} base", cache_key_fn=merge_key, persist_result=True)
 def merge_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return plain(tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
+    return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "merge")}
 
 
 @task(name="register", task_run_name="register {config.register.model_name}")
@@ -261,16 +315,15 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
     try:
         tracker.log_params({f"config.{k}": v for k, v in cfg.flat().items()})
         tracker.set_tags({"prepare_cached": str(prepared_cached).lower(), "train_on": deployment or "in-process"})
-        _lint(cfg, paths, tracker)
         tracker.log_artifact(paths.report("prepare"), "reports")
         data_digest = retrying(upload_prepared_task, cfg).with_options(
             task_run_name=f"upload prepared/ to run {run_id[:8]}")(root, run_id)
         _publish_prepare(out["prepare"], paths, run_id)
 
         out["train"] = _train(cfg, paths, run_id, data_digest, deployment, tracker)
-        out["evaluate"] = evaluate_task(cfg, root, run_id)
+        out["evaluate"] = _cached_stage(evaluate_task, "evaluate", cfg, paths, tracker)
         _publish_evaluate(out["evaluate"], paths, run_id)
-        out["merge"] = merge_task(cfg, root, run_id)
+        out["merge"] = _cached_stage(merge_task, "merge", cfg, paths, tracker)
         out["register"] = retrying(register_task, cfg)(cfg, root, run_id)
         _publish_register(out["register"], paths, run_id)
         for name in ("train", "evaluate", "merge", "register"):
@@ -299,8 +352,9 @@ def _train(cfg: Config, paths: Paths, run_id: str, data_digest: str, deployment:
     if state.name == "Cached":
         log.info(f"training skipped: cached (same config, data digest {data_digest[:12]} and code); "
                  f"reusing the adapter of MLflow run {source}")
-        tracker.set_tags({"train_cached_from": source})
         old = handoff.client(paths).get_run(source).data
+        tracker.set_tags({"train_cached_from": source,
+                          **({"lints": old.tags["lints"]} if "lints" in old.tags else {})})  # the lints it trained with
         tracker.log_params({k: v for k, v in old.params.items() if k in TRAIN_PARAMS})
         if "train_loss" in old.metrics:
             tracker.log_metrics({"train_loss": old.metrics["train_loss"]}, step=result.get("steps"))
@@ -310,6 +364,36 @@ def _train(cfg: Config, paths: Paths, run_id: str, data_digest: str, deployment:
     if state.name == "Cached":
         publish("train-summary", f"## train {label(cfg)}: skipped (cached)\n\nSame config, data and code as "
                 f"{mlflow_link(paths, source)}; its adapter was reused.", f"train {label(cfg)} (cached)")
+    return result
+
+
+# What a cached stage's result logs into this run (the metrics its own run got).
+CACHED_METRICS = {
+    "evaluate": lambda r: {f"eval_{k}": v for k, v in (r.get("tuned") or {}).items()}
+    | {f"base_eval_{k}": v for k, v in (r.get("base") or {}).items()},
+    "merge": lambda r: {"merge_max_abs_logit_diff": r.get("max_abs_logit_diff"),
+                        "merge_max_abs_logit_diff_trained": r.get("max_abs_logit_diff_trained"),
+                        "merge_loss": r.get("loss")},
+}
+
+
+def _cached_stage(task_obj: Any, stage: str, cfg: Config, paths: Paths, tracker: tracking.MlflowTracker) -> dict[str, Any]:
+    """Run evaluate or merge, or reuse its cached result (same adapter, test split, base, config
+    section and code) while the files it wrote are still on disk unchanged; a reused result's
+    metrics are logged into this run, tagged ``<stage>_cached_from``."""
+    root = str(paths.root)
+    state = task_obj(cfg, root, tracker.run_id, return_state=True)
+    result = state.result()
+    if state.name == "Cached" and result.get("outputs") != _outputs(paths, stage):
+        get_run_logger().info(f"{stage}: cached result, but its files on disk changed since; running it again")
+        state = task_obj.with_options(refresh_cache=True)(cfg, root, tracker.run_id, return_state=True)
+        result = state.result()
+    if state.name == "Cached":
+        source = result.get("mlflow_run_id") or "-"
+        get_run_logger().info(f"{stage} skipped: cached (same adapter, test split, base, config and code); "
+                              f"reusing the result of MLflow run {source}")
+        tracker.set_tags({f"{stage}_cached_from": source})
+        tracker.log_metrics({k: v for k, v in CACHED_METRICS[stage](result).items() if v is not None})
     return result
 
 

@@ -165,17 +165,109 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(cfg, paths) -> int:
     _hide_user_error_tracebacks()
-    from flows.finetune import finetune
+    server = _TemporaryServer.spawn(cfg)
+    try:
+        from flows.finetune import finetune, require_server
 
-    from flows.finetune import require_server
-
-    require_server(cfg.orchestration.train_deployment)  # no server where one is needed: one line, before the flow
+        require_server(cfg.orchestration.train_deployment)  # no server where one is needed: one line, before the flow
+        _warm_tracking_store(paths)
+        if server is not None:
+            server.hand_to_prefect()  # the flow may only talk to it once it answers /health
+    finally:
+        if server is not None:
+            server.discard()  # not handed over (an error, or a server configured after all): stop it
     from loraflow.secretref import externalize
 
     # Prefect stores the parameters at creation, before the flow runs: secrets go as ${env:...} references
     out = finetune(config=externalize(cfg.model_dump(mode="json")), root=str(paths.root))
     _print_summary(out, paths)
     return 0
+
+
+class _TemporaryServer:
+    """Prefect's temporary server, started before anything is imported.
+
+    Without a configured server the flow's first API call starts one (``SubprocessASGIServer``) and
+    waits for it: 8-12 s here (TRAPS 6), a subprocess that imports the server and opens its database,
+    after this process has already spent seconds importing the server module itself just to start
+    it. Spawned first, with the same command, it boots on another core while this process imports
+    the flow and opens the MLflow store; then it is handed to Prefect as that one temporary server
+    (Prefect keeps one per process), which stops it at exit as its own. Anything unexpected (it
+    exits, Prefect already has one) and it is stopped: the flow then starts one the usual way.
+    """
+
+    def __init__(self, proc, port: int) -> None:
+        self.proc, self.port, self.handed = proc, port, False
+
+    @classmethod
+    def spawn(cls, cfg) -> "_TemporaryServer | None":
+        import importlib.util
+        import socket
+        import subprocess
+
+        if os.environ.get("PREFECT_API_URL") or cfg.orchestration.train_deployment:
+            return None  # a configured server (or a missing one, which require_server reports)
+        spec = importlib.util.find_spec("prefect")  # its folder, without importing it (seconds)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # = SubprocessASGIServer._run_uvicorn_command (prefect 3.9); settings reach it through the environment
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir",
+                                 str(Path(spec.submodule_search_locations[0]).parent), "--factory",
+                                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                                 "--log-level", "error", "--lifespan", "on"], env=env)
+        return cls(proc, port)
+
+    def hand_to_prefect(self) -> None:
+        import time
+        import urllib.request
+
+        from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        server = SubprocessASGIServer()
+        if PREFECT_API_URL.value() or server.running:  # a profile names a server, or Prefect has one
+            return
+        subprocess_server_logger.info(f"Starting temporary server on http://127.0.0.1:{self.port}")
+        deadline = time.monotonic() + max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 60)
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            return  # exited or too slow: discard() stops it, the flow starts its own
+        server.port, server.server_process, server.running = self.port, self.proc, True
+        import atexit
+
+        atexit.register(server.stop)
+        self.handed = True
+
+    def discard(self) -> None:
+        if self.handed or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it must go anyway
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _warm_tracking_store(paths) -> None:
+    """Open the MLflow store (imports, and for a new sqlite store its tables) while the server boots."""
+    from loraflow import tracking
+
+    try:
+        tracking.client(paths).search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 - the flow's first MLflow call reports a real problem with one line
+        pass
 
 
 POOLS = ("cpu", "gpu")

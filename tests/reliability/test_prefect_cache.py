@@ -131,3 +131,43 @@ def test_the_overrides_parameter_is_redacted_as_the_config_is():
         "lora.r=8"]})
     assert got == {"params": "params.yaml", "overrides": [
         "eval.max_new_tokens=4", "data.fields.prompt=postgresql://loader:***@db/x", "model.hf_token=***", "lora.r=8"]}
+
+
+def test_a_rerun_with_nothing_changed_trains_evaluates_and_merges_nothing(tmp_path, tiny_llama, prefect_server,
+                                                                          monkeypatch):
+    """The no-op re-run (issue 8): train, evaluate and merge Cached, their metrics copied into the new
+    MLflow run, the same champion; a report rewritten on disk in between makes that stage run again."""
+    import flows.finetune as ff
+    from loraflow import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "p"
+    write_raw(root, [alpaca(i) for i in range(24)])
+    paths = Paths.at(root)
+    cl = tracking.client(paths)
+    cfg = load_config(None, _overrides(tiny_llama))
+
+    first = ff.finetune(config=cfg, root=str(root))
+    reports = {s: paths.report(s).read_bytes() for s in ("evaluate", "merge")}
+    champion = registry.alias_version(cl, "cachekey", registry.CHAMPION)
+    assert champion == first["register"]["version"]
+
+    second = ff.finetune(config=cfg, root=str(root))
+    run1, run2 = (cl.get_run(o["mlflow_run_id"]).data for o in (first, second))
+    for stage in ("train", "evaluate", "merge"):
+        assert run2.tags.get(f"{stage}_cached_from") == first["mlflow_run_id"], (stage, run2.tags)
+    assert run2.tags["lints"] == run1.tags["lints"]
+    for key in ("eval_loss", "eval_exact_match", "base_eval_loss", "merge_max_abs_logit_diff"):
+        assert run2.metrics[key] == run1.metrics[key], key
+    assert {s: paths.report(s).read_bytes() for s in ("evaluate", "merge")} == reports
+    assert second["register"]["version"] == first["register"]["version"]  # nothing new registered
+    assert registry.alias_version(cl, "cachekey", registry.CHAMPION) == champion
+
+    # samples.jsonl rewritten (as `loraflow stage evaluate` with other eval settings would): evaluate
+    # runs again and writes it back; training stays cached.
+    paths.samples.write_text("{}\n")
+    third = ff.finetune(config=cfg, root=str(root))
+    run3 = cl.get_run(third["mlflow_run_id"]).data
+    assert "evaluate_cached_from" not in run3.tags and run3.tags["train_cached_from"] == first["mlflow_run_id"]
+    assert paths.samples.read_text() != "{}\n"
+    assert registry.alias_version(cl, "cachekey", registry.CHAMPION) == champion

@@ -53,7 +53,7 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
     device = detect_device(gpu_memory)
     t = cfg.train
     seq, batch, ckpt = cfg.data.max_length, t.batch_size, t.gradient_checkpointing
-    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt, _weight_bytes(cfg, device))
+    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt, _weight_bytes(cfg, device), device.kind)
     method, reason, hint = _choose_method(cfg, shape, adapted, trainable, device, memory)
     data = data_size(cfg, paths)
     steps, tokens = est.steps_and_tokens(
@@ -97,11 +97,14 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
 
 def memory_estimates(
     shape: ModelShape, cfg: Config, adapted: list[Linear], trainable: int, seq: int, batch: int, checkpointing: bool,
-    weight_bytes: int = 2,
+    weight_bytes: int = 2, device_kind: str = "gpu",
 ) -> dict[str, Memory]:
     """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing.
 
     ``weight_bytes``: 2 for 16-bit compute (a GPU), 4 for fp32 (the CPU); ``est.compute_bytes``.
+    ``device_kind`` ``cpu`` adds what a CPU run holds besides its live tensors: glibc malloc's
+    retention (``est.cpu_allocator_bytes``) and the runtime's first-step memory; a GPU's CUDA
+    context and caching-allocator slack are left to the headroom.
     """
     w = weight_bytes
     full_act = est.activation_bytes(shape, seq, batch, checkpointing, weight_bytes=w)
@@ -109,11 +112,15 @@ def memory_estimates(
         shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0, weight_bytes=w,
         frozen=True,
     )
-    return {
+    memory = {
         "full": est.full_memory(shape, full_act, w, accumulate=cfg.train.grad_accum > 1),
         "lora": est.lora_memory(shape, trainable, lora_act, w),
         "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant, w),
     }
+    if device_kind == "cpu":
+        memory = {m: replace(x, allocator=est.cpu_allocator_bytes(m, x.activations), runtime=est.CPU_RUNTIME_BYTES)
+                  for m, x in memory.items()}
+    return memory
 
 
 def _checkpoint_bytes(config) -> int:
@@ -198,7 +205,7 @@ def _fit_hint(
         options.append((s, 1, True))
     w = _weight_bytes(cfg, device)
     for s, b, c in options:
-        memory = memory_estimates(shape, cfg, adapted, trainable, s, b, c, w)
+        memory = memory_estimates(shape, cfg, adapted, trainable, s, b, c, w, device.kind)
         for m in methods:
             if memory[m].total > limit:
                 continue
@@ -209,7 +216,7 @@ def _fit_hint(
             then = f"{m} ~{memory[m].total / GIB:.1f} GiB"
             keep = "; raise train.grad_accum to keep the effective batch" if b < batch else ""
             return f"it would fit with {' '.join(changes)} ({then}){keep}"
-    floor = memory_estimates(shape, cfg, adapted, trainable, options[-1][0], 1, True, w)
+    floor = memory_estimates(shape, cfg, adapted, trainable, options[-1][0], 1, True, w, device.kind)
     smallest = min(methods, key=lambda m: floor[m].total)
     need = floor[smallest].total / HEADROOM / GIB
     return (f"even at batch 1, {options[-1][0]} tokens and gradient checkpointing {smallest} needs "
@@ -235,10 +242,11 @@ def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape)
         f"each + activations (Korthikanti et al. 2022 per layer, less what a frozen base need not keep, "
         f"{shape.attention} attention"
         f"{': no s×s scores stored' if shape.attention != 'eager' else ''}, + fp32 logits)"
-        + ("; on a CPU an fp32 base is the memory-mapped checkpoint itself (file-backed RSS), a 4-bit load "
-           "keeps the original linear weights mapped besides the NF4 copies (not in the total), and glibc's "
-           "malloc can hold far more than the live tensors (MALLOC_MMAP_THRESHOLD_=131072 returns it; "
-           "see bench/plan_memory.py)" if device.kind == "cpu" else ""),
+        + ("; on a CPU: + glibc malloc's retention (freed blocks kept in its heap: "
+           + ", ".join(f"{m} {k:g}×" for m, k in est.CPU_ALLOCATOR_RETENTION.items())
+           + f" the activations, measured) + {est.CPU_RUNTIME_BYTES / 2**20:.0f} MiB runtime; an fp32 base is the "
+           "memory-mapped checkpoint itself (file-backed RSS); a 4-bit load reads the whole checkpoint through "
+           "its mapping and drops it once quantized (see bench/plan_memory.py)" if device.kind == "cpu" else ""),
         f"activations at batch {cfg.train.batch_size} × {cfg.data.max_length} tokens (data.max_length, fully padded), "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}; "
         f"fits = at most {HEADROOM:.0%} of the device memory",

@@ -7,10 +7,12 @@ heads, i the MLP's inner width, V vocabulary, s sequence length (``data.max_leng
 worst case, a batch padded to the limit), b the per-device batch (``train.batch_size``;
 gradient accumulation adds no activation memory), w bytes per element of the compute dtype
 (``compute_bytes``: 2 for bf16 on a GPU, 4 for the fp32 the train stage uses on a CPU). All
-figures are estimates of the peak of live tensors, in bytes; the CUDA context, allocator
-slack and framework buffers are not counted, which is what the 15% headroom is for.
-Validated on a CPU against measured peak RSS by ``bench/plan_memory.py`` (README, "Plan
-before you run"); not yet on a GPU.
+figures are estimates of the peak of live tensors, in bytes; on a GPU the CUDA context and the
+caching allocator's slack are not counted, which is what the 15% headroom is for. On a CPU two
+measured terms are added (``cpu_allocator_bytes``, ``CPU_RUNTIME_BYTES``): there glibc's malloc
+holds far more than the live tensors. Validated on a CPU against measured peak RSS by
+``bench/plan_memory.py`` and ``bench/memory_methods.py`` (README, "Plan before you run" and
+"Performance"); not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -203,6 +205,43 @@ def qlora_memory(
     )
 
 
+# CPU only: glibc malloc's retention, per byte of activations (``cpu_allocator_bytes``), and the
+# runtime's own first-step memory (oneDNN/BLAS kernels and code pages touched for the first time,
+# thread-pool buffers: ~15 MiB of it file-backed). Measured at ONE point each (bench/plan_memory.py,
+# 2026-11-29): the retention factors on the 97M Llama at batch 4 x 128 (1.11, 1.63, 1.91), the
+# runtime on the tiny Llama at 4 x 128 (19-20 MiB once its retention is counted); checked on points
+# not used to measure them (batch 8 x 128 and 2 x 256 on the 97M, 8 x 256 on the tiny one, the 200M
+# Llama of bench/memory_methods.py): within 11% of every measured peak, README "Measured against
+# the estimate". Re-measure when torch or glibc change.
+CPU_ALLOCATOR_RETENTION = {"full": 1.1, "lora": 1.6, "qlora": 1.9}
+CPU_RUNTIME_BYTES = 20 * 2**20
+
+
+def cpu_allocator_bytes(method: str, activations: float) -> float:
+    """Freed memory glibc's malloc keeps resident in its heap at the peak of a CPU training step.
+
+    Why it exists: glibc serves a request of at least its mmap threshold from a fresh mapping and
+    unmaps it on free, but it raises that threshold (up to 32 MiB) to the size of each such block
+    freed, so after the first steps every activation comes from the heap. A forward pass
+    interleaves tensors kept for backward with temporaries freed at once (QLoRA also dequantizes
+    each weight per matmul); the holes they leave are too small or too scattered for the next
+    requests, and the heap grows past the live tensors. Measured with ``mallinfo2`` on the 97M
+    Llama (LoRA, batch 4 x 128): at the end of the first forward 467 MiB in use, 252 MiB free
+    inside the heap. The peak reaches its plateau by the second or third step (8 steps checked).
+
+    Why it is a term and not a setting: a fixed mmap threshold small enough to catch those blocks
+    (1 MiB, or ``MALLOC_MMAP_THRESHOLD_=131072``) brings RSS down to the live tensors but turns
+    every activation into fresh pages: 340-460 thousand page faults and 1.0-1.5 s of system time
+    per 3.1 s step of user time (+35-45% CPU); 4 or 16 MiB costs nothing and changes nothing (the
+    fragmenting blocks are smaller). ``bench/plan_memory.py`` has the numbers.
+
+    Modelled as ``k·activations`` per method (``CPU_ALLOCATOR_RETENTION``), a measured, stated
+    factor: full fine-tuning retains least (its gradients reuse the holes backward leaves), QLoRA
+    most (its dequantized weights are large short-lived blocks between kept activations).
+    """
+    return CPU_ALLOCATOR_RETENTION[method] * activations
+
+
 def compute_bytes(compute_dtype: str, device_kind: str) -> int:
     """Bytes per weight and activation element the train stage computes in.
 
@@ -215,20 +254,26 @@ def compute_bytes(compute_dtype: str, device_kind: str) -> int:
 
 
 def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, checkpoint_bytes: int = 4) -> float:
-    """Resident file-backed memory a CPU QLoRA run keeps besides ``Memory.total`` (TRAPS 5).
+    """File-backed memory a CPU QLoRA *load* holds: the checkpoint it reads to quantize (TRAPS 5).
 
-    On a CPU transformers loads safetensors through mmap and, when the checkpoint's dtype is
-    the compute dtype, the parameters *are* the mapped pages (checked: all 371 MiB of a 97M
-    fp32 Llama's parameters alias the file). For LoRA that mapping is the frozen base itself,
-    counted in ``Memory.total``; full fine-tuning copies each page on its first write. A 4-bit
-    load reads every linear weight through the same mapping to quantize it and keeps the
-    mapping: those original weights, ``checkpoint_bytes·P_q``, stay resident besides the NF4
-    copies (page cache: reclaimable under pressure and shared between processes, but in RSS).
-    ``checkpoint_bytes``: the checkpoint's dtype on disk (fp32: 4). 0 for LoRA, full and on a GPU.
+    On a CPU transformers loads safetensors through mmap: a 4-bit load reads every weight through
+    that mapping, so while it loads the file's pages (``checkpoint_bytes·P``; fp32: 4) are in the
+    process's RSS besides the NF4 copies being made. ``modeling.release_checkpoint_mapping`` then
+    copies the few tensors that still view the file (embeddings, head, norms) and the mapping goes:
+    training holds none of it (before that release the linear weights, 4·P_q, stayed resident for
+    the whole run). So this counts toward the load's peak only, ``checkpoint_bytes·P`` + the QLoRA
+    weights (``load_peak_bytes``), which is below the training peak unless activations are small.
+    For LoRA the mapping is the frozen base itself (in ``Memory.total``); full fine-tuning copies
+    each page on its first write; on a GPU the weights leave host memory. 0 for those.
     """
     if device_kind != "cpu" or method != "qlora":
         return 0.0
-    return float(checkpoint_bytes * shape.params_quantized)
+    return float(checkpoint_bytes * shape.params_total)
+
+
+def load_peak_bytes(memory: Memory, mapped: float) -> float:
+    """Peak while a CPU QLoRA base loads: the mapped checkpoint and the weights made from it."""
+    return mapped + memory.weights if mapped else 0.0
 
 
 def flops_per_token(shape: ModelShape, method: str, trainable: int, checkpointing: bool) -> float:

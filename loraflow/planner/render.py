@@ -41,9 +41,13 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
     if plan.memory["full"].freed:
         console.print(f"[dim]full: the total counts max(gradients, activations), not both: backward frees "
                       f"activations as it makes gradients ({_size(plan.memory['full'].freed)} less)[/dim]")
+    cpu = plan.memory[plan.method]
+    if cpu.allocator or cpu.runtime:
+        console.print(f"[dim]{plan.method} on a CPU: the total includes {_size(cpu.allocator)} that glibc's malloc keeps "
+                      f"in its heap and {_size(cpu.runtime)} of runtime (measured: bench/plan_memory.py)[/dim]")
     if plan.mapped_bytes:
-        console.print(f"[dim]{plan.method}: + {_size(plan.mapped_bytes)} file-backed: the original weights stay "
-                      "memory-mapped after a 4-bit load on a CPU (page cache, reclaimable; shows in RSS)[/dim]")
+        console.print(f"[dim]{plan.method}: while loading, + {_size(plan.mapped_bytes)} file-backed: the checkpoint "
+                      "is read through its memory mapping to quantize it, and dropped once loaded[/dim]")
 
     console.print(f"[bold]method[/bold]    {plan.method} — {e(plan.method_reason)}")
     if plan.fit_hint:

@@ -46,10 +46,13 @@ class Memory:
     activations: float  # saved for backward, plus the fp32 logits of the loss
     workspace: float = 0.0  # QLoRA: one linear's weight dequantized to the compute dtype
     freed: float = 0.0  # full: gradients and activations never all alive at once (estimates.full_memory)
+    allocator: float = 0.0  # CPU: freed blocks glibc's malloc keeps in its heap (estimates.cpu_allocator_bytes)
+    runtime: float = 0.0  # CPU: the runtime's own first-step memory (kernels, thread pools; estimates.CPU_RUNTIME_BYTES)
 
     @property
     def total(self) -> float:
-        return self.weights + self.trainable_state + self.activations + self.workspace - self.freed
+        return (self.weights + self.trainable_state + self.activations + self.workspace - self.freed
+                + self.allocator + self.runtime)
 
     def gib(self) -> dict[str, float]:
         parts = asdict(self) | {"total": self.total}
@@ -94,7 +97,7 @@ class Plan:
     gradient_checkpointing: bool
     lints: list[Lint] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
-    mapped_bytes: float = 0.0  # CPU QLoRA: original weights left memory-mapped (file-backed RSS, not in totals)
+    mapped_bytes: float = 0.0  # CPU QLoRA: the checkpoint mapped while loading (file-backed; dropped after the load)
 
     @property
     def estimates_gib(self) -> dict[str, float]:
@@ -121,6 +124,7 @@ class Plan:
             "estimates_gib": self.estimates_gib,
             "breakdown_gib": {m: self.memory[m].gib() for m in METHODS},
             "mapped_checkpoint_gib": round(self.mapped_bytes / GIB, 3),
+            "load_peak_gib": round((self.mapped_bytes + self.memory[self.method].weights if self.mapped_bytes else 0) / GIB, 3),
             "fits": {m: self.fits(m, HEADROOM) for m in METHODS},
             "headroom": HEADROOM,
             "batch_size": self.batch_size,

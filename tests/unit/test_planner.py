@@ -262,13 +262,31 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     bf16 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=bfloat16", gpu=None)
     assert bf16.memory["lora"].weights == 2 * P  # an explicit dtype is taken as given
     assert est.compute_bytes("auto", "gpu") == 2 and est.compute_bytes("float32", "gpu") == 4
-    # CPU QLoRA keeps the original linear weights mapped (TRAPS 5), at the checkpoint's dtype; LoRA's
+    # A CPU QLoRA load reads the whole checkpoint through its mapping (at the checkpoint's dtype) and drops
+    # it once quantized (TRAPS 5): it counts toward the load's peak, with the weights made from it. LoRA's
     # mapping is its base (in the total); nothing on a GPU
-    Pq = cpu.params_quantized
-    assert cpu.method == "qlora" and gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * Pq  # no dtype: fp32
+    assert cpu.method == "qlora" and gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * P  # no dtype: fp32
+    assert cpu.to_dict()["load_peak_gib"] == round((4 * P + cpu.memory["qlora"].weights) / 2**30, 3)
     half = plan_for(tmp_path, root, QWEN25_05B | {"torch_dtype": "bfloat16"}, gpu=None)
-    assert half.mapped_bytes == 2 * Pq and half.to_dict()["mapped_checkpoint_gib"] == round(2 * Pq / 2**30, 3)
+    assert half.mapped_bytes == 2 * P and half.to_dict()["mapped_checkpoint_gib"] == round(2 * P / 2**30, 3)
     assert plan_for(tmp_path, root, QWEN25_05B, "method=lora", gpu=None).mapped_bytes == 0
+
+
+def test_cpu_totals_add_the_measured_allocator_retention_and_runtime(tmp_path, root):
+    """A CPU plan adds glibc's retention (k·activations per method) and the runtime; a GPU plan neither."""
+    cpu = plan_for(tmp_path, root, QWEN25_05B, gpu=None)
+    gpu = plan_for(tmp_path, root, QWEN25_05B, gpu=24)
+    for m in ("full", "lora", "qlora"):
+        c, g = cpu.memory[m], gpu.memory[m]
+        assert g.allocator == 0 and g.runtime == 0
+        assert c.allocator == pytest.approx(est.CPU_ALLOCATOR_RETENTION[m] * c.activations) and c.allocator > 0
+        assert c.runtime == est.CPU_RUNTIME_BYTES > 0
+        live = c.weights + c.trainable_state + c.activations + c.workspace - c.freed
+        assert c.total == pytest.approx(live + c.allocator + c.runtime)
+        assert cpu.to_dict()["breakdown_gib"][m]["allocator"] == round(c.allocator / 2**30, 3)
+    # full fine-tuning keeps the least (its gradients refill the holes backward leaves), QLoRA the most
+    k = est.CPU_ALLOCATOR_RETENTION
+    assert k["full"] < k["lora"] < k["qlora"]
 
 
 def test_weight_formulas(tmp_path, root):

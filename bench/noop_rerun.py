@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import sys
 from pathlib import Path
@@ -47,39 +48,50 @@ def main() -> int:
     dvc, loraflow = [str(VENV_BIN / "dvc"), "repro"], [str(VENV_BIN / "loraflow"), "run"]
 
     print("first runs (full pipeline, not timed for the goal) ...", file=sys.stderr)
-    first = {"dvc repro": timed(dvc, dvc_p, dvc_env, logs / "dvc-first.log"),
-             "loraflow run": timed(loraflow, run_p, run_env, logs / "run-first.log")}
+    first = {"dvc repro": timed(dvc, dvc_p, dvc_env, logs / "dvc-first.log")[0],
+             "loraflow run": timed(loraflow, run_p, run_env, logs / "run-first.log")[0]}
     champion = _champion(run_p)
     times: dict[str, list[float]] = {"dvc repro": [], "loraflow run": []}
+    cpu: dict[str, list[float]] = {"dvc repro": [], "loraflow run": []}
+    loads: list[float] = []
     checks: list[dict] = []
     for rep in range(args.reps):
         order = ["dvc repro", "loraflow run"] if rep % 2 == 0 else ["loraflow run", "dvc repro"]
         for what in order:
             log = logs / f"{what.replace(' ', '-')}-{rep}.log"
+            loads.append(os.getloadavg()[0])
             if what == "dvc repro":
-                times[what].append(timed(dvc, dvc_p, dvc_env, log))
+                wall, cpu_s = timed(dvc, dvc_p, dvc_env, log)
+                times[what].append(wall)
+                cpu[what].append(cpu_s)
                 ran = sorted(set(re.findall(r"Running stage '([^']+)'", log.read_text())) - ALWAYS_RUNS)
                 checks.append({"rep": rep, "what": what, "stages_run": ran, "ok": not ran})
             else:
-                times[what].append(timed(loraflow, run_p, run_env, log))
+                wall, cpu_s = timed(loraflow, run_p, run_env, log)
+                times[what].append(wall)
+                cpu[what].append(cpu_s)
                 checks.append({"rep": rep, "what": what, **_check_run(run_p, champion)})
-            print(f"  rep {rep}: {what} {times[what][-1]:.1f} s  {checks[-1]}", file=sys.stderr)
+            print(f"  rep {rep}: {what} {times[what][-1]:.1f} s wall, {cpu[what][-1]:.1f} s CPU, load "
+                  f"{loads[-1]:.1f}  {checks[-1]}", file=sys.stderr)
 
     rows = [{"command": what, "first_run_s": round(first[what], 1), "rerun_median_s": median(times[what]),
              "reruns_s": [round(t, 2) for t in times[what]], "goal_s": GOALS[what],
+             "rerun_cpu_median_s": median(cpu[what]), "reruns_cpu_s": [round(t, 2) for t in cpu[what]],
              "met": median(times[what]) <= GOALS[what],
              "did_nothing": all(c["ok"] for c in checks if c["what"] == what)} for what in GOALS]
-    print("\n| command (nothing changed) | first run s | re-run s, median | re-runs s | goal | did nothing |")
+    print("\n| command (nothing changed) | first run s | re-run s, median (runs) | re-run CPU s, median | goal "
+          "| did nothing |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| `{r['command']}` | {r['first_run_s']} | **{r['rerun_median_s']}** | "
-              f"{', '.join(f'{t:.1f}' for t in r['reruns_s'])} | <= {r['goal_s']:g} s "
+        print(f"| `{r['command']}` | {r['first_run_s']} | **{r['rerun_median_s']}** "
+              f"({', '.join(f'{t:.1f}' for t in r['reruns_s'])}) | {r['rerun_cpu_median_s']} | <= {r['goal_s']:g} s "
               f"{'met' if r['met'] else 'missed'} | {'yes' if r['did_nothing'] else 'NO'} |")
+    print(f"\nload average (1 min) at each re-run: {', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} cores")
     out = write_result("noop_rerun", {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": f"{Path(sys.executable).relative_to(ROOT) if ROOT in Path(sys.executable).parents else sys.executable} "
                    f"bench/noop_rerun.py --reps {args.reps}",
-        "machine": machine(), "champion_version": champion, "rows": rows, "checks": checks,
+        "machine": machine(), "champion_version": champion, "rows": rows, "checks": checks, "load_averages": loads,
         "note": "median of alternating re-runs; the machine may be shared (TRAPS 8)",
     })
     print(f"\nwrote {out.relative_to(ROOT)}", file=sys.stderr)

@@ -58,15 +58,21 @@ def env_for(project: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
-    """Run ``cmd``; its wall time in seconds. Output goes to ``log``; a failure raises with its tail."""
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run ``cmd``: its wall time and its CPU time (user + sys of it and every process it waited for,
+    the Prefect server too), in seconds. On a busy shared machine the CPU time moves far less than the
+    wall time. Output goes to ``log``; a failure raises with its tail."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def machine() -> dict[str, Any]:

@@ -60,6 +60,14 @@ def train(model_dir: str, rows: list[dict[str, str]], knobs: dict[str, Any], out
             self.seconds = time.perf_counter() - self.start
 
     clock = Clock()
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    computed = [0]
+
+    def collate(features):  # counts what the model computes, padding included; the batches are unchanged
+        batch = collator(features)
+        computed[0] += int(batch["input_ids"].numel())
+        return batch
+
     args = TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=knobs["batch_size"],
@@ -75,10 +83,11 @@ def train(model_dir: str, rows: list[dict[str, str]], knobs: dict[str, Any], out
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        data_collator=collate,
         callbacks=[clock],
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"seconds": clock.seconds, "supervised_tokens": supervised, "steps": trainer.state.global_step,
-            "final_loss": losses[-1] if losses else float("nan")}
+            "final_loss": losses[-1] if losses else float("nan"),
+            "tokens": sum(len(d["input_ids"]) for d in dataset), "computed_tokens": computed[0]}

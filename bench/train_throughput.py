@@ -189,6 +189,12 @@ def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         loss = statistics.median(x["final_loss"] for x in runs[side])
         how = "" if side == "baseline" else f"  {runs[side][0].get('batching')} / {runs[side][0].get('compute_dtype')}"
         print(f"{names[side]:10s} {r:17.1f} {loss:11.3f} {r / base:6.2f}x{how}")
+    padded = [r for r in runs["baseline"] if r.get("computed_tokens")]
+    ceiling = None
+    if padded:  # what the baseline's padded batches cost in tokens: the most that removing padding can win
+        ceiling = statistics.median(r["computed_tokens"] / r["tokens"] for r in padded)
+        print(f"baseline batches computed {padded[0]['computed_tokens']:,} tokens for {padded[0]['tokens']:,} real ones "
+              f"({1 - 1 / ceiling:.0%} padding): dropping all padding is worth at most {ceiling:.2f}x")
     out = (ROOT / "bench" / "results" /
            f"train_throughput-{datetime.date.today()}-{device}-{args.baseline_dtype}-b{KNOBS['batch_size']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +204,7 @@ def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         "baseline_compute_dtype": args.baseline_dtype, "reps": args.reps,
         "runs": runs, "median_supervised_tok_s": {names[k]: v for k, v in rates.items()},
         "ratio": rates["ours"] / base,
+        "baseline_padding_ceiling": ceiling,
         **({"ratio_grouped": rates["grouped"] / base} if "grouped" in rates else {}),
     }, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -297,7 +297,8 @@ def test_rerun_with_nothing_changed_skips_prepare_and_training(stack):
     by_stage = {name.split(" ")[0]: r for name, r in tasks.items()}
     assert by_stage["prepare"].state.name == "Cached"
     assert by_stage["train"].state.name == "Cached"
-    assert by_stage["evaluate"].state.name == "Completed"
+    assert by_stage["evaluate"].state.name == "Cached"  # same adapter, test split, base and code (issue 8)
+    assert by_stage["merge"].state.name == "Cached"
     assert len(_train_runs(stack)) == 1  # no new training on the gpu pool
 
     ml, old = _mlflow_run(stack, run.id), _mlflow_run(stack, first)

@@ -35,13 +35,13 @@ def rows(prompts=ROWS):
     ]
 
 
-def make_trainer(base, root, train_rows, max_length=64):
+def make_trainer(base, root, train_rows, max_length=64, batching="group_by_length"):
     from loraflow import modeling, training
     from loraflow.targets import resolve_targets
 
     cfg = Config.model_validate(
         {"model": {"base": str(base)}, "method": "lora", "data": {"max_length": max_length},
-         "train": {"batch_size": 4, "max_steps": 1}}
+         "train": {"batch_size": 4, "max_steps": 1, "batching": batching}}
     )
     paths = Paths.at(root)
     tok = modeling.load_tokenizer(cfg, paths)
@@ -81,6 +81,28 @@ def test_collated_batch_supervises_exactly_answer_and_eos(tiny_models, no_pad_ll
         # everything before the answer is prompt, and masked
         first = int((row_labels != IGNORE).nonzero()[0])
         assert tok.decode(row_ids[:first].tolist()).endswith("### Response:\n")
+    assert seen == answers
+
+
+def test_padding_free_batch_supervises_exactly_answer_and_eos_per_example(tiny_models, tmp_path):
+    """The default layout: examples end to end in one row; each segment masks its prompt, trains its answer and EOS."""
+    data = rows()
+    trainer, tok = make_trainer(tiny_models["llama"], tmp_path, data, batching="auto")
+    assert trainer.batching.mode == "padding_free"
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    assert batch["input_ids"].shape[0] == 1 and labels.shape == ids.shape
+    starts = (pos == 0).nonzero().flatten().tolist() + [len(ids)]
+    assert len(starts) - 1 == len(data)  # one segment per example, no padding token at all
+    answers = {r["completion"] + tok.eos_token for r in data}
+    seen = set()
+    for a, b in zip(starts[:-1], starts[1:]):
+        seg_ids, seg_labels = ids[a:b], labels[a:b]
+        supervised = seg_ids[seg_labels != IGNORE].tolist()
+        seen.add(tok.decode(supervised))
+        assert supervised.count(tok.eos_token_id) == 1 and supervised[-1] == tok.eos_token_id
+        first = int((seg_labels != IGNORE).nonzero()[0])
+        assert tok.decode(seg_ids[:first].tolist()).endswith("### Response:\n")
     assert seen == answers
 
 

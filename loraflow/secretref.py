@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from loraflow.errors import ConfigError
@@ -26,43 +26,44 @@ PREFIX = "LORAFLOW_SECRET_"
 REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def _map_strings(value: Any, fn: Callable[[tuple[str, ...], str], str], path: tuple[str, ...] = ()) -> Any:
+    """``value`` (JSON form) with each string replaced by ``fn(key path, string)``; list items keep their key's path."""
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn, (*path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn, path) for v in value]
+    return fn(path, value) if isinstance(value, str) else value
+
+
 def externalize(config: dict[str, Any], environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
     """``config`` (JSON form) with each secret-looking string replaced by a reference; the values go to ``environ``."""
     from loraflow.tracking import redact
 
-    def walk(value: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v, (*path, str(k))) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, path) for v in value]
-        if isinstance(value, str) and path and not REFERENCE.fullmatch(value) and redact(path[-1], value) != value:
-            name = PREFIX + re.sub(r"[^A-Za-z0-9]", "_", "_".join(path)).upper()
-            environ[name] = value
-            return "${env:" + name + "}"
-        return value
+    def out(path: tuple[str, ...], value: str) -> str:
+        if not path or REFERENCE.fullmatch(value) or redact(path[-1], value) == value:
+            return value
+        name = PREFIX + re.sub(r"[^A-Za-z0-9]", "_", "_".join(path)).upper()
+        environ[name] = value
+        return "${env:" + name + "}"
 
-    return walk(config, ())
+    return _map_strings(config, out)
 
 
 def resolve(config: dict[str, Any], environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
     """``config`` with every ``${env:NAME}`` value replaced by ``environ[NAME]``; one line when NAME is unset."""
 
-    def walk(value: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v, (*path, str(k))) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, path) for v in value]
-        if isinstance(value, str) and (m := REFERENCE.fullmatch(value)):
-            if m.group(1) not in environ:
-                raise ConfigError(
-                    f"{'.'.join(path)}: refers to ${{env:{m.group(1)}}}, which is not set in this process's "
-                    f"environment; set {m.group(1)} where the flow runs (for a deployment: in its worker's "
-                    "environment)"
-                )
-            return environ[m.group(1)]
-        return value
+    def back(path: tuple[str, ...], value: str) -> str:
+        if not (m := REFERENCE.fullmatch(value)):
+            return value
+        if m.group(1) not in environ:
+            raise ConfigError(
+                f"{'.'.join(path)}: refers to ${{env:{m.group(1)}}}, which is not set in this process's "
+                f"environment; set {m.group(1)} where the flow runs (for a deployment: in its worker's "
+                "environment)"
+            )
+        return environ[m.group(1)]
 
-    return walk(config, ())
+    return _map_strings(config, back)
 
 
 def has_reference(config: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from loraflow.errors import ConfigError
 from loraflow.targets import resolve_targets
 from tests.integration.test_train import project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # Different lengths on purpose: a cross-example leak shows on every token after the first example.
 ROWS = [
@@ -26,14 +26,6 @@ ROWS = [
     ("### Instruction:\nWhat day comes after Monday?\n\n### Response:\n", "Tuesday, the day after Monday"),
     ("### Instruction:\nName a fruit.\n\n### Response:\n", "an apple"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg_for(base, **train) -> Config:

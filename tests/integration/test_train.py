@@ -14,6 +14,8 @@ from loraflow.config import Config
 from loraflow.errors import TrainingError
 from loraflow.paths import Paths
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QA = [
     ("What is the opposite of hot?", "cold"),
     ("What day comes after Monday?", "Tuesday"),
@@ -28,17 +30,6 @@ CONTRACT_PARAMS = {
     "quant_type", "double_quant", "compute_dtype", "trainable_params", "trainable_pct", "dataset_digest",
     "max_length", "learning_rate",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on shared cores extra OpenMP threads spin (10x slower here)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def project(root, n_train=24, n_val=6) -> Paths:

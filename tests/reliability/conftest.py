@@ -32,15 +32,9 @@ QA = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="package")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and extra OpenMP threads spin on shared cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every reliability test runs torch on one thread (tests/conftest.py ``one_thread``)."""
 
 
 def alpaca(i: int) -> dict:

@@ -9,23 +9,14 @@ from loraflow.errors import TrainingError
 from loraflow.paths import Paths
 from loraflow.training import IGNORE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROWS = [
     ("What is the opposite of hot?", "cold"),
     ("What day comes after Monday?", "Tuesday"),
     ("Is 37 even or odd?", "odd"),
     ("Name the capital of France, please, in one word.", "Paris is the capital"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on shared cores extra OpenMP threads spin (10x slower here)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(prompts=ROWS):

@@ -137,7 +137,7 @@ def install_timers(t: Timers) -> None:
 
     def cli(m: Any) -> None:  # the CLI's early start: only the wait for /health is on this thread
         if hasattr(m, "_TemporaryServer"):
-            m._TemporaryServer.hand_to_prefect = t.wrap(m._TemporaryServer.hand_to_prefect, WAIT_SERVER)
+            m._TemporaryServer.wait_until_ready = t.wrap(m._TemporaryServer.wait_until_ready, WAIT_SERVER)
 
     patches = {f"tasks.{s}": stage(s) for s in (*STAGES, "register")}
     patches |= {"loraflow.tracking": tracking, "loraflow.handoff": handoff, "loraflow.planner": planner,
@@ -153,7 +153,7 @@ def child(side: str, record: Path) -> int:
     if side == "pipeline":
         from loraflow.cli import main
 
-        code = main(["run"])
+        code = main(["run"])  # then exit as the console script does (below)
     else:
         from loraflow.cli import _quiet_environment
 
@@ -172,6 +172,10 @@ def child(side: str, record: Path) -> int:
         code = 0
     record.write_text(json.dumps({"total": t.total, "marks": t.marks, "parallel": t.parallel,
                                   "end": time.time() - t.t0}))
+    if side == "pipeline":
+        from loraflow.cli import exit_fast
+
+        exit_fast(code)  # the `loraflow` console script's own exit (loraflow.cli.console)
     return code
 
 

@@ -218,12 +218,16 @@ def _run(cfg, paths) -> int:
 
 
 def _prefect_api(url: str | None):
-    """Point Prefect at ``url`` for the flow (a no-op without one)."""
+    """Point Prefect at our temporary server ``url`` for the flow (a no-op without one).
+
+    Without flow-run heartbeats: they let a server mark the runs of a crashed worker, but this
+    server ends with this process, so nobody would read them, and each flow run's end waits up to
+    a second for the heartbeat thread's sleep (two flow runs per pipeline)."""
     if url is None:
         return contextlib.nullcontext()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    return temporary_settings(updates={PREFECT_API_URL: url})
+    return temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 class _TemporaryServer:

@@ -49,7 +49,7 @@ def test_exit_fast_joins_threads_runs_exit_handlers_flushes_and_keeps_the_code(t
 
 def test_early_server_serves_the_flow_and_stops_without_importing_prefects_server(tmp_path):
     proc = _python("""
-        import sys, urllib.request, json
+        import json, sys, urllib.request
         from loraflow.cli import _TemporaryServer, _prefect_api
         from loraflow.config import Config
 
@@ -65,6 +65,9 @@ def test_early_server_serves_the_flow_and_stops_without_importing_prefects_serve
             return 7
 
         with _prefect_api(url):
+            from prefect.settings import get_current_settings
+
+            assert get_current_settings().flows.heartbeat_frequency is None  # nobody reads them after us
             state = probe(return_state=True)
         assert state.result() == 7
         run = json.load(urllib.request.urlopen(f"{url}/flow_runs/{state.state_details.flow_run_id}", timeout=10))

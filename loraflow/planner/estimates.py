@@ -259,8 +259,9 @@ def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, ch
     On a CPU transformers loads safetensors through mmap: a 4-bit load reads every weight through
     that mapping, so while it loads the file's pages (``checkpoint_bytes·P``; fp32: 4) are in the
     process's RSS besides the NF4 copies being made. ``modeling.release_checkpoint_mapping`` then
-    copies the few tensors that still view the file (embeddings, head, norms) and the mapping goes:
-    training holds none of it (before that release the linear weights, 4·P_q, stayed resident for
+    copies the few tensors that still view the file (head, norms; the input embedding gets a mapping
+    of its own bytes, read row by row as in LoRA) and the mapping goes: training holds no more of it
+    (before that release the linear weights, 4·P_q, stayed resident for
     the whole run). So this counts toward the load's peak only, ``checkpoint_bytes·P`` + the QLoRA
     weights (``load_peak_bytes``), which is below the training peak unless activations are small.
     For LoRA the mapping is the frozen base itself (in ``Memory.total``); full fine-tuning copies

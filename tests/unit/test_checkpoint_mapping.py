@@ -32,8 +32,19 @@ def test_4bit_load_keeps_no_view_of_the_checkpoint(tiny_llama, tmp_path):
     del full
 
     q = modeling.load_model(cfg, paths, quantized=True)
-    assert modeling.count_4bit_layers(q) == 14 and _aliasing(q) == []
-    assert not any(str(tiny_llama) in line for line in open("/proc/self/maps"))  # the mapping itself is gone
+    emb = q.get_input_embeddings().weight
+    emb_name = next(n for n, p in q.named_parameters() if p is emb)
+    # only the input embedding still views the file (a lookup reads only its batch's rows), through a
+    # mapping of its own bytes: the rest of the checkpoint, read to quantize, is no longer mapped
+    assert modeling.count_4bit_layers(q) == 14 and _aliasing(q) == [emb_name]
+    mapped = sum(hi - lo for lo, hi, _, path in modeling._weight_file_mappings(detail=True) if str(tiny_llama) in path)
+    emb_bytes = emb.numel() * emb.element_size()
+    assert emb_bytes <= mapped < emb_bytes + 2 * 65536
+    checkpoint = tiny_llama / "model.safetensors"
+    file_bytes, first = checkpoint.read_bytes(), emb.data[0, 0].clone()
+    emb.data[0, 0] = first + 1  # copy-on-write: the process's page changes, never the file
+    assert checkpoint.read_bytes() == file_bytes and emb.data[0, 0] == first + 1
+    emb.data[0, 0] = first
     # the copies are the same numbers, and a tied head stays tied to its embedding
     for name, p in q.named_parameters():
         if p.dtype == torch.float32 and name in reference:

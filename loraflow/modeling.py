@@ -220,12 +220,6 @@ def load_model(
     if quantized:
         disable_cpu_repack(model)
         release_checkpoint_mapping(model)
-        # On a CPU, 4-bit linears dequantize into one reused buffer instead of a fresh fp32 weight per
-        # matmul (bitsandbytes' way, which fragments glibc's heap between saved activations): same
-        # kernel and numbers, a lower peak RSS (loraflow/cpu_nf4.py). A GPU keeps bitsandbytes' path.
-        from loraflow import cpu_nf4
-
-        cpu_nf4.install(model)
     return model
 
 

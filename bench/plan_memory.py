@@ -88,6 +88,24 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _heap() -> dict[str, int] | None:
+    """glibc's own count (``mallinfo2``): bytes in use in its heap, free inside its heap, and in their own
+    mappings; None where there is no glibc. Free heap bytes once touched stay in RSS: the retention."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        m = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return None
+    return {"heap_in_use": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
+
+
 def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     import threading
 
@@ -146,11 +164,13 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     loaded = _status()
-    losses, times, cpu, faults = [], [], [], []
+    losses, times, cpu, faults, heaps = [], [], [], [], []
+    heap_base = _heap()
     for step in range(steps):
         phase[0] = f"step {step + 1}"
         ts, tc, ru = time.perf_counter(), os.times(), resource.getrusage(resource.RUSAGE_SELF)
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        heaps.append(_heap())  # at the end of the forward: activations kept for backward, and the holes
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -178,6 +198,9 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
         "step_seconds": [round(t, 4) for t in times],
         "step_cpu_user": [round(u, 3) for u, _ in cpu], "step_cpu_sys": [round(y, 3) for _, y in cpu],
         "step_minor_faults": faults,
+        # glibc's heap at the end of each forward, above the process after loading (bytes; None without glibc)
+        "after_forward_heap": [None if h is None or heap_base is None else {k: v - heap_base[k] for k, v in h.items()}
+                               for h in heaps],
     }
 
 

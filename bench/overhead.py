@@ -37,6 +37,7 @@ GOAL = 0.10
 WAIT_SERVER = "waiting for the Prefect temporary server"
 IMPORT_ML = "imports: torch, transformers, peft, bitsandbytes, ..."
 IMPORT_OPS = "imports: prefect, mlflow"
+TRAIN_LOOP = "train: the training loop (Trainer.train)"
 
 
 # --------------------------------------------------------------------------------------------- timers (child)
@@ -139,7 +140,11 @@ def install_timers(t: Timers) -> None:
         if hasattr(m, "_TemporaryServer"):
             m._TemporaryServer.wait_until_ready = t.wrap(m._TemporaryServer.wait_until_ready, WAIT_SERVER)
 
+    def trainer(m: Any) -> None:  # the training loop: the same code on both sides, and the noisiest part
+        m.Trainer.train = t.wrap(m.Trainer.train, TRAIN_LOOP)
+
     patches = {f"tasks.{s}": stage(s) for s in (*STAGES, "register")}
+    patches["transformers.trainer"] = trainer
     patches |= {"loraflow.tracking": tracking, "loraflow.handoff": handoff, "loraflow.planner": planner,
                 "prefect.server.api.server": server, "loraflow.cli": cli}
     timed = {m: IMPORT_ML for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate")}
@@ -151,8 +156,12 @@ def child(side: str, record: Path) -> int:
     t = Timers(float(os.environ["BENCH_T0"]))
     install_timers(t)
     if side == "pipeline":
+        import atexit
+
         from loraflow.cli import main
 
+        # registered first, so it runs last: when the exit handlers (the server's stop too) are done
+        atexit.register(lambda: _add_to_record(record, "exit_handlers_done", time.time() - t.t0))
         code = main(["run"])  # then exit as the console script does (below)
     else:
         from loraflow.cli import _quiet_environment
@@ -177,6 +186,11 @@ def child(side: str, record: Path) -> int:
 
         exit_fast(code)  # the `loraflow` console script's own exit (loraflow.cli.console)
     return code
+
+
+def _add_to_record(record: Path, key: str, value: float) -> None:
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps(data | {key: value}))
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -260,6 +274,19 @@ def _print(runs: dict[str, list[dict]], loads: list[float]) -> tuple[list[dict],
     print(f"orchestration-only parts of each loraflow run (imports of prefect and mlflow, waiting for the "
           f"server, MLflow, lints, register): median {direct['seconds_median']:.1f} s = "
           f"{direct['share_median']:.1%} of its wall time")
+    # The training loop is the same code on both sides and the noisiest part (this machine's slow
+    # spells move it by +-8 s between runs: TRAPS 8); the overhead outside it, over the median wall:
+    if all(TRAIN_LOOP in r["total"] for rs in runs.values() for r in rs):
+        outside = {side: median([r["wall"] - r["total"][TRAIN_LOOP] for r in rs]) for side, rs in runs.items()}
+        direct["outside_train_loop_s"] = {k: round(v, 2) for k, v in outside.items()}
+        direct["outside_train_loop_overhead"] = round((outside["pipeline"] - outside["plain"]) / pipe, 4)
+        print(f"outside the training loop (same code both sides, its noise left out): loraflow run "
+              f"{outside['pipeline']:.1f} s, plain {outside['plain']:.1f} s (medians): "
+              f"{outside['pipeline'] - outside['plain']:.1f} s = {direct['outside_train_loop_overhead']:.1%} "
+              "of the median loraflow run")
+    exits = [r["exit_handlers_done"] - r["end"] for r in runs["pipeline"] if "exit_handlers_done" in r]
+    if exits:
+        print(f"loraflow run's exit (threads, exit handlers, server stop) per run: {', '.join(f'{x:.1f}' for x in exits)} s")
     if loads:
         print(f"load average (1 min) at each run's start: {', '.join(f'{x:.1f}' for x in loads)} "
               f"on {os.cpu_count()} cores")
@@ -270,9 +297,10 @@ def _breakdown(runs: dict[str, list[dict]]) -> list[dict]:
     """Median seconds per part for each side; 'rest' is the wall time no timer covered."""
     from bench.pipeline_project import median
 
-    parts = [IMPORT_ML] + [f"stage:{s}" for s in STAGES] + [
+    parts = [IMPORT_ML] + [f"stage:{s}" for s in STAGES] + [TRAIN_LOOP] + [
         "register: MLflow model logging", "stage:register", "MLflow", "lints (planner)", IMPORT_OPS, WAIT_SERVER]
     labels = {f"stage:{s}": f"{s} (the stage itself)" for s in STAGES} | {
+        "stage:train": "train (the stage itself, but its training loop)",
         "stage:register": "register: registry, gate (rest of the stage)",
         "MLflow": "MLflow: run, params, metrics, artifacts, hand-over"}
 

@@ -247,7 +247,9 @@ def release_checkpoint_mapping(model: "torch.nn.Module") -> int:
     moved = 0
     for tensors in (model.parameters(), model.buffers()):
         for t in tensors:
-            where = next((m for m in maps if t.device.type == "cpu" and m[0] <= t.data_ptr() < m[1]), None)
+            if t.device.type != "cpu":
+                continue
+            where = next((m for m in maps if m[0] <= t.data_ptr() < m[1]), None)
             if where is None:
                 continue
             fresh = _map_privately(t, *where) if t is embedding else None

@@ -257,7 +257,9 @@ def _train(model, ids: list[list[int]], *, eos_id: int, steps: int, seed: int) -
     model.train()
     losses: list[float] = []
     batches = _batches(ids, eos_id, seed)
-    bar = tqdm(total=steps, desc="build-base", unit="step", file=sys.stderr, dynamic_ncols=True)
+    # as the train bar: a log file (make run piped, CI) gets a line per 10 s, not one per refresh
+    bar = tqdm(total=steps, desc="build-base", unit="step", file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for _ in range(steps):
         x = next(batches)
         loss = model(input_ids=x, labels=x, use_cache=False).loss

@@ -2,6 +2,7 @@
 
     bench/gpu.sh                      # on a GPU machine: sets up what is missing, then runs this
     python bench/gpu_bench.py --smoke # anywhere: a tiny shape on the CPU, two steps (a check of the script)
+    python bench/gpu_bench.py --predict  # anywhere, no weights: what loraflow's planner expects on an H200
 
 The model is built from Llama-2-7B's config (written out below; nothing is downloaded) with random
 weights, directly in bf16 on the device. Both methods use loraflow's defaults: r=16, alpha=32,
@@ -16,6 +17,10 @@ MFU = tokens/s x ``flops_per_token`` (loraflow/planner/estimates.py: 4·N_mm + 6
 QLoRA) / the device's dense bf16 peak (``gpu_peak_tflops``, the same table). QLoRA's dequantization
 is not counted as FLOPs, as in the planner. Issue 8's goals: LoRA bf16 >= 35% MFU; QLoRA <= 0.6x
 LoRA's peak memory at >= 0.75x its throughput.
+
+Each method's row also carries the planner's own prediction for the same shape, batch, length and
+device (``predict``: ``memory_estimates`` and ``flops_per_token`` at the planner's assumed 40% MFU,
+× 1.39 time for QLoRA), so a run checks the planner as well as the goals.
 
 Writes ``bench/results/gpu-<date>-<device>.json`` (``--smoke``: ``--out`` only, default a temp file).
 """
@@ -55,14 +60,21 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--predict", action="store_true",
+                    help="build nothing: print the planner's prediction for --device-name and exit")
+    ap.add_argument("--device-name", default="NVIDIA H200", help="the GPU --predict plans for")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/gpu-<date>-<device>.json)")
     args = ap.parse_args()
-
-    import torch
 
     smoke = args.smoke
     seq = args.seq or (64 if smoke else 1024)
     batch = args.batch or (2 if smoke else 4)
+    if args.predict:
+        _print_prediction(LLAMA2_7B, seq, batch, args.device_name)
+        return 0
+
+    import torch
+
     steps = args.steps or (2 if smoke else 10)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     cuda = torch.cuda.is_available()
@@ -86,6 +98,8 @@ def main() -> int:
             results[method] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
             if cuda:
                 torch.cuda.empty_cache()
+        if "error" not in results[method]:
+            results[method]["planner"] = predict(method, shape_cfg, seq, batch, device_name if cuda else None)
         print(f"    {json.dumps(results[method])}", file=sys.stderr, flush=True)
 
     summary = _summary(results)
@@ -209,6 +223,46 @@ def run_method(method: str, shape_cfg: dict, device, seq: int, batch: int, steps
             "mfu": round(mfu, 4) if mfu is not None else None, "flops_per_token": flops,
             "peak_tflops": peak_tflops, "peak_known": known, "trainable_params": trainable,
             "params_matmul": shape.params_matmul, "final_loss": round(loss, 4), "build_s": round(build_s, 1)}
+
+
+def predict(method: str, shape_cfg: dict, seq: int, batch: int, gpu_name: str | None) -> dict:
+    """What ``loraflow plan`` would say of this run: peak GiB and tokens/s (``gpu_name`` None: memory only).
+
+    The planner's terms for a GPU (bf16 compute, no gradient checkpointing, loraflow's LoRA defaults,
+    as ``build`` makes them); its time assumes 40% MFU of the device's bf16 peak, × 1.39 for QLoRA.
+    """
+    from transformers import LlamaConfig
+
+    from loraflow.config import load_config
+    from loraflow.planner import estimates as est
+    from loraflow.planner import memory_estimates
+    from loraflow.planner.shapes import model_shape, resolve_targets
+
+    cfg = load_config(None, [f"lora.r={LORA['r']}", f"lora.alpha={LORA['lora_alpha']}",
+                             f"lora.dropout={LORA['lora_dropout']}", f"lora.target_modules={LORA['target_modules']}"])
+    shape = model_shape(LlamaConfig(**shape_cfg))
+    _, adapted = resolve_targets(shape, LORA["target_modules"])
+    trainable = est.lora_params(adapted, LORA["r"])
+    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, False, weight_bytes=2, device_kind="gpu")
+    out: dict[str, Any] = {"peak_gib": round(memory[method].total / 2**30, 2)}
+    if gpu_name:
+        peak, _ = est.gpu_peak_tflops(gpu_name)
+        flops = est.flops_per_token(shape, method, trainable, checkpointing=False)
+        seconds_per_token = est.train_seconds(flops, 1.0, peak * 1e12 * est.GPU_MFU, method)
+        out |= {"tokens_per_s": round(1 / seconds_per_token, 1), "mfu_assumed": est.GPU_MFU}
+    return out
+
+
+def _print_prediction(shape_cfg: dict, seq: int, batch: int, gpu_name: str) -> None:
+    rows = {m: predict(m, shape_cfg, seq, batch, gpu_name) for m in ("lora", "qlora")}
+    print(f"\nloraflow's planner, Llama-2-7B shape, batch {batch} x {seq}, {gpu_name} (predicted, not measured)\n")
+    print("| method | peak GiB | tokens/s |\n|---|---|---|")
+    for m, r in rows.items():
+        print(f"| {m} | {r['peak_gib']} | {r['tokens_per_s']:,.0f} |")
+    lora, qlora = rows["lora"], rows["qlora"]
+    print(f"\nqlora/lora: memory {qlora['peak_gib'] / lora['peak_gib']:.2f}x (goal <= {GOALS['qlora_memory_ratio_max']}), "
+          f"throughput {qlora['tokens_per_s'] / lora['tokens_per_s']:.2f}x (goal >= {GOALS['qlora_throughput_ratio_min']}); "
+          f"MFU assumed {lora['mfu_assumed']:.0%} (goal for LoRA >= {GOALS['lora_mfu_min']:.0%})")
 
 
 def _summary(results: dict) -> dict:

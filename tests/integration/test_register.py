@@ -42,7 +42,16 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     paths = project
     cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=demo"])
     _stage_outputs(paths, tiny_llama, exact_match=0.5)
-    first = tasks.register.run(cfg, paths)
+    # Register ships the folder merge wrote; it loads no model (a 7B would be loaded a second time).
+    import transformers
+
+    loads = []
+    real_load = transformers.PreTrainedModel.from_pretrained.__func__
+    with monkeypatch.context() as m:
+        m.setattr(transformers.PreTrainedModel, "from_pretrained",
+                  classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+        first = tasks.register.run(cfg, paths)
+    assert loads == []
     assert first.version == "1" and first.decision == "promoted"
     assert set(first.aliases) == {"challenger", "champion"}
 
@@ -92,7 +101,7 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     assert model.predict([{"prompt": "What is the opposite of hot?"}]) == out[:1]  # the README's form
     meta = model.metadata
     assert meta.signature is not None and [c.name for c in meta.signature.inputs.inputs] == ["prompt", "input"]
-    assert meta.saved_input_example_info is not None
+    assert meta.saved_input_example_info is None  # an example would make log_model load the model
 
 
 def _adapter(tmp_path, base_dir):

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraflow import progress
 from loraflow.atomic import atomic_dir
 from loraflow.errors import ConfigError
 
@@ -236,7 +237,6 @@ def _batches(ids: list[list[int]], eos_id: int, seed: int):
 def _train(model, ids: list[list[int]], *, eos_id: int, steps: int, seed: int) -> list[float]:
     """Plain AdamW loop (no Trainer: fewer moving parts, deterministic); returns per-step loss."""
     import torch
-    from tqdm.auto import tqdm
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -257,9 +257,7 @@ def _train(model, ids: list[list[int]], *, eos_id: int, steps: int, seed: int) -
     model.train()
     losses: list[float] = []
     batches = _batches(ids, eos_id, seed)
-    # as the train bar: a log file (make run piped, CI) gets a line per 10 s, not one per refresh
-    bar = tqdm(total=steps, desc="build-base", unit="step", file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    bar = progress.bar(total=steps, desc="build-base", unit="step")
     for _ in range(steps):
         x = next(batches)
         loss = model(input_ids=x, labels=x, use_cache=False).loss

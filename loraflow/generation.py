@@ -9,9 +9,10 @@ Every forward here runs in eval mode (no LoRA dropout) under ``torch.no_grad``.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from loraflow import progress
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +170,5 @@ def _device(model) -> "torch.device":
 
 
 def _progress(iterable, desc: str):
-    """A tqdm bar on stderr, shown only when there is more than one step to wait for."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, disable=len(iterable) <= 1, mininterval=1.0)
+    """A progress bar, shown only when there is more than one step to wait for."""
+    return progress.bar(iterable, desc=desc, leave=False, disable=len(iterable) <= 1)

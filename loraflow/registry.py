@@ -22,12 +22,6 @@ LOCK_STALE_S = 300.0  # a lock older than this was left by a crashed process and
 T = TypeVar("T")
 
 
-def client(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def alias_version(cl: Any, name: str, alias: str) -> str | None:
     """The version an alias points to, or None."""
     from mlflow.exceptions import MlflowException

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraflow import progress
 from loraflow.atomic import atomic_file
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
@@ -547,13 +548,7 @@ class LossBar(_callback_base()):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-            dynamic_ncols=True, file=sys.stderr,
-            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file (Prefect, CI) gets a line per 10 s
-        )
+        self.bar = progress.bar(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -562,7 +557,7 @@ class LossBar(_callback_base()):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
             self.bar.set_postfix(
-                loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=sys.stderr.isatty()
+                loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=progress.interactive()
             )
 
     def on_train_end(self, args, state, control, **kwargs):

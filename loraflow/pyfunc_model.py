@@ -31,11 +31,16 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 TRAIN_META = "loraflow_train.json"  # loraflow.modeling.ADAPTER_META (not imported: see above)
-_SHA_CACHE: dict[tuple, str] = {}  # (folder, names, sizes, mtimes) -> sha256: registering validates by loading
+# (folder, names, sizes, mtimes) -> sha256: a serving process that loads the same base again hashes it once.
+_SHA_CACHE: dict[tuple, str] = {}
 
 
 def weights_sha256(folder: str | Path) -> str:
-    """sha256 over the ``*.safetensors`` files of a model folder (relative names and bytes, in order)."""
+    """sha256 over the ``*.safetensors`` files of a model folder (relative names and bytes, in order).
+
+    Not ``loraflow.basedigest``'s per-file hashes: this file is the logged model's code and runs
+    where loraflow is not installed, so it imports nothing of loraflow.
+    """
     folder = Path(folder)
     files = sorted(folder.rglob("*.safetensors"))
     if not files:

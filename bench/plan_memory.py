@@ -240,6 +240,7 @@ def estimate(model_dir: str, method: str, batch: int, seq: int) -> dict:
     """What ``loraflow plan`` says for this CPU: the live tensors, glibc's retention, the runtime, the load."""
     from transformers import AutoConfig
 
+    from loraflow.modeling import cpu_has_native_bf16
     from loraflow.planner import estimates as est
     from loraflow.planner import memory_estimates, model_shape, resolve_targets
 
@@ -247,7 +248,7 @@ def estimate(model_dir: str, method: str, batch: int, seq: int) -> dict:
     shape = model_shape(AutoConfig.from_pretrained(model_dir))
     _, adapted = resolve_targets(shape, cfg.lora.target_modules)
     trainable = est.lora_params(adapted, cfg.lora.r)
-    wbytes = est.compute_bytes(cfg.quantization.compute_dtype, "cpu")
+    wbytes = est.compute_bytes(cfg.quantization.compute_dtype, cpu_has_native_bf16())
     memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, False, wbytes, "cpu")[method]
     mapped = est.mapped_checkpoint_bytes(shape, method, "cpu")
     live = memory.total - memory.allocator - memory.runtime

@@ -101,7 +101,7 @@ def memory_estimates(
 ) -> dict[str, Memory]:
     """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing.
 
-    ``weight_bytes``: 2 for 16-bit compute (a GPU), 4 for fp32 (the CPU); ``est.compute_bytes``.
+    ``weight_bytes``: 2 for 16-bit compute, 4 for fp32 (``est.compute_bytes``).
     ``device_kind`` ``cpu`` adds what a CPU run holds besides its live tensors: glibc malloc's
     retention (``est.cpu_allocator_bytes``) and the runtime's first-step memory; a GPU's CUDA
     context and caching-allocator slack are left to the headroom.
@@ -132,7 +132,7 @@ def _checkpoint_bytes(config) -> int:
 
 def _weight_bytes(cfg: Config, device: Device) -> int:
     """2 (16-bit) or 4 (fp32): what the train stage computes in on this device (``modeling.compute_dtype``)."""
-    return est.compute_bytes(cfg.quantization.compute_dtype, device.kind)
+    return est.compute_bytes(cfg.quantization.compute_dtype, device.bf16)
 
 
 def detect_device(gpu_memory: float | None = None) -> Device:
@@ -143,13 +143,21 @@ def detect_device(gpu_memory: float | None = None) -> Device:
             raise ConfigError(f"--gpu-memory: must be a positive number of GiB, got {gpu_memory:g}")
         name = cuda[0] if cuda else f"GPU ({gpu_memory:g} GiB)"
         peak, _ = est.gpu_peak_tflops(name)
-        return Device(name, "gpu", float(gpu_memory), peak, est.GPU_MFU, "--gpu-memory")
+        return Device(name, "gpu", float(gpu_memory), peak, est.GPU_MFU, "--gpu-memory", bf16=True)
     if cuda:
         peak, _ = est.gpu_peak_tflops(cuda[0])
-        return Device(cuda[0], "gpu", round(cuda[1], 2), peak, est.GPU_MFU, "torch.cuda")
+        return Device(cuda[0], "gpu", round(cuda[1], 2), peak, est.GPU_MFU, "torch.cuda", bf16=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return Device(f"CPU ({cores} cores)", "cpu", round(ram, 2), est.CPU_TFLOPS_PER_CORE * cores, 1.0, "system RAM")
+    return Device(f"CPU ({cores} cores)", "cpu", round(ram, 2), est.CPU_TFLOPS_PER_CORE * cores, 1.0, "system RAM",
+                  bf16=_cpu_bf16())
+
+
+def _cpu_bf16() -> bool:
+    """Whether the train stage's ``compute_dtype: auto`` would pick bf16 on this CPU (its own probe)."""
+    from loraflow.modeling import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def _cuda() -> tuple[str, float] | None:
@@ -234,7 +242,8 @@ def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape)
              if device.kind == "gpu" else
              f"{device.peak_tflops:g} TFLOP/s effective on CPU ({est.CPU_TFLOPS_PER_CORE:g} per core)")
     return [
-        f"memory ({'16-bit: bf16 compute on a GPU' if w == 2 else 'fp32: what the train stage computes in on a CPU'}): "
+        f"memory ({'16-bit: bf16 compute' if w == 2 else 'fp32 compute'}"
+        f"{' (compute_dtype auto: bf16 where the device has it natively)' if cfg.quantization.compute_dtype == 'auto' else ''}): "
         f"full = {w + 8}·P + max({w}·P gradients, activations) ({width} weights and gradients, fp32 Adam "
         "moments; backward frees activations as it makes gradients); "
         f"LoRA = {w}·P + 16·P_adapter ({width} frozen base, fp32 adapters with gradients and Adam); "

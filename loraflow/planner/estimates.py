@@ -6,7 +6,8 @@ and the LM head), P_a the trainable adapter parameters, h hidden size, L layers,
 heads, i the MLP's inner width, V vocabulary, s sequence length (``data.max_length``: the
 worst case, a batch padded to the limit), b the per-device batch (``train.batch_size``;
 gradient accumulation adds no activation memory), w bytes per element of the compute dtype
-(``compute_bytes``: 2 for bf16 on a GPU, 4 for the fp32 the train stage uses on a CPU). All
+(``compute_bytes``: 2 for bf16, which ``compute_dtype: auto`` picks on a GPU and on a CPU with
+AVX512-BF16 or AMX, 4 for the fp32 it picks on other CPUs). All
 figures are estimates of the peak of live tensors, in bytes; on a GPU the CUDA context and the
 caching allocator's slack are not counted, which is what the 15% headroom is for. On a CPU two
 measured terms are added (``cpu_allocator_bytes``, ``CPU_RUNTIME_BYTES``): there glibc's malloc
@@ -242,14 +243,15 @@ def cpu_allocator_bytes(method: str, activations: float) -> float:
     return CPU_ALLOCATOR_RETENTION[method] * activations
 
 
-def compute_bytes(compute_dtype: str, device_kind: str) -> int:
+def compute_bytes(compute_dtype: str, native_bf16: bool) -> int:
     """Bytes per weight and activation element the train stage computes in.
 
-    ``auto`` is what ``loraflow.modeling.compute_dtype`` picks: bf16 on a GPU, fp32 on a CPU
-    (bf16 autocast is not used there); an explicit dtype is taken as given.
+    ``auto`` is what ``loraflow.modeling.compute_dtype`` picks: bf16 where the device computes it
+    natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32 (emulated bf16 is far slower there,
+    TRAPS 4); an explicit dtype is taken as given.
     """
     if compute_dtype == "auto":
-        return 2 if device_kind == "gpu" else 4
+        return 2 if native_bf16 else 4
     return 4 if compute_dtype == "float32" else 2
 
 

@@ -31,6 +31,7 @@ class Device:
     peak_tflops: float  # dense bf16 tensor-core peak (GPU) or an effective figure (CPU)
     mfu: float  # model FLOPs utilisation assumed against that peak
     source: str  # where memory_gib came from: --gpu-memory, torch.cuda, system RAM
+    bf16: bool = False  # computes bf16 natively (a GPU; a CPU with AVX512-BF16 or AMX): what compute_dtype auto picks
 
     @property
     def effective_flops(self) -> float:

@@ -34,8 +34,10 @@ FALCON_7B = dict(model_type="falcon", hidden_size=4544, num_hidden_layers=32, nu
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch):
-    """No GPU probing and no tracking URI from the environment: every test says what it plans for."""
+    """No GPU probing, a CPU without native bf16 (as on these machines) and no tracking URI from the
+    environment: every test says what it plans for."""
     monkeypatch.setattr(planner, "_cuda", lambda: None)
+    monkeypatch.setattr(planner, "_cpu_bf16", lambda: False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
@@ -261,7 +263,7 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     assert cpu.memory["full"].activations - logits == pytest.approx(2 * (gpu.memory["full"].activations - logits))
     bf16 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=bfloat16", gpu=None)
     assert bf16.memory["lora"].weights == 2 * P  # an explicit dtype is taken as given
-    assert est.compute_bytes("auto", "gpu") == 2 and est.compute_bytes("float32", "gpu") == 4
+    assert est.compute_bytes("auto", True) == 2 and est.compute_bytes("float32", True) == 4
     # A CPU QLoRA load reads the whole checkpoint through its mapping (at the checkpoint's dtype) and drops
     # it once quantized (TRAPS 5): it counts toward the load's peak, with the weights made from it. LoRA's
     # mapping is its base (in the total); nothing on a GPU
@@ -270,6 +272,23 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     half = plan_for(tmp_path, root, QWEN25_05B | {"torch_dtype": "bfloat16"}, gpu=None)
     assert half.mapped_bytes == 2 * P and half.to_dict()["mapped_checkpoint_gib"] == round(2 * P / 2**30, 3)
     assert plan_for(tmp_path, root, QWEN25_05B, "method=lora", gpu=None).mapped_bytes == 0
+
+
+def test_cpu_with_native_bf16_plans_what_the_train_stage_picks_there(tmp_path, root, monkeypatch):
+    """compute_dtype auto is bf16 on a CPU with AVX512-BF16 or AMX (modeling.compute_dtype): 2-byte weights."""
+    from loraflow import modeling
+
+    monkeypatch.setattr(planner, "_cpu_bf16", lambda: True)
+    bf16 = plan_for(tmp_path, root, QWEN25_05B, gpu=None)
+    P = bf16.params_total
+    assert bf16.device.kind == "cpu" and bf16.device.bf16
+    assert bf16.memory["lora"].weights == 2 * P
+    assert "bf16 where the device has it natively" in bf16.assumptions[0]
+    fp32 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=float32", gpu=None)
+    assert fp32.memory["lora"].weights == 4 * P  # an explicit dtype is taken as given
+    # The planner's probe is the train stage's: on this machine both say the same.
+    monkeypatch.undo()
+    assert planner._cpu_bf16() == modeling.cpu_has_native_bf16()
 
 
 def test_cpu_totals_add_the_measured_allocator_retention_and_runtime(tmp_path, root):

@@ -58,11 +58,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
 
     existing = _version_with_key(cl, name, key)
     if existing is not None:
-        print(f"    {name} v{existing.version} already holds this data, params and code; nothing registered",
-              file=sys.stderr)
-        result = _result_for_existing(cl, name, existing, cfg)
-        write_json(paths.report("register"), asdict(result))
-        return result
+        return _already_registered(cl, name, existing, cfg, paths)
 
     if tracker.run_id is None:
         tracker = tracking.start_run(paths, name, "register")
@@ -71,19 +67,25 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     # The fluent API (log_model), and the client resolving the models:/ source, use the global URI.
     with _fluent_uri(tracking.tracking_uri(paths)):
         info, model_tags = _log_model(cfg, paths, tracker.run_id)
-        # eval_<metric> goes on with the version, so a concurrent gate can already compare against it.
-        version = _register(cl, name, info, tracker.run_id,
-                            {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
-
-    # Two pipelines registering under one name at once: both read "no champion" and both promote,
-    # unless reading the champion, comparing and moving the alias happen under one lock.
-    with registry.gate_lock(cl, name):
-        registry.move_alias(cl, name, version, registry.CHALLENGER)
-        champ = registry.alias_version(cl, name, registry.CHAMPION)
-        decision = registry.gate(metric, new_value, _gate_value(cl, name, champ, metric), champ,
-                                 cfg.register.min_delta)
-        if decision.promote:
-            registry.move_alias(cl, name, version, registry.CHAMPION)
+        # Creating the version, reading the champion, comparing and moving the aliases happen under one
+        # lock. Else two pipelines registering under one name at once both read "no champion" and both
+        # promote; and two with the same lineage (two projects on one registry, the same data, params
+        # and code) both find no version with the key while they log, and both register it.
+        with registry.gate_lock(cl, name):
+            existing = _version_with_key(cl, name, key)
+            if existing is None:
+                # eval_<metric> goes on with the version, so the next gate can compare against it.
+                version = _register(cl, name, info, tracker.run_id,
+                                    {**tags, **model_tags, "lineage_key": key, f"eval_{metric}": _fmt(new_value)})
+                registry.move_alias(cl, name, version, registry.CHALLENGER)
+                champ = registry.alias_version(cl, name, registry.CHAMPION)
+                decision = registry.gate(metric, new_value, _gate_value(cl, name, champ, metric), champ,
+                                         cfg.register.min_delta)
+                if decision.promote:
+                    registry.move_alias(cl, name, version, registry.CHAMPION)
+    if existing is not None:
+        tracker.set_tags({"registered_model": f"{name}/{existing.version}", "gate_decision": "already-registered"})
+        return _already_registered(cl, name, existing, cfg, paths)
     gate_tags = {
         "gate_decision": "promoted" if decision.promote else "kept",
         "gate_reason": decision.reason,
@@ -234,6 +236,13 @@ def _register(cl: Any, name: str, info: Any, run_id: str, tags: dict[str, str]) 
     mv = registry.retry(lambda: cl.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
                                                         model_id=info.model_id))
     return str(mv.version)
+
+
+def _already_registered(cl: Any, name: str, mv: Any, cfg: Config, paths: Paths) -> RegisterResult:
+    print(f"    {name} v{mv.version} already holds this data, params and code; nothing registered", file=sys.stderr)
+    result = _result_for_existing(cl, name, mv, cfg)
+    write_json(paths.report("register"), asdict(result))
+    return result
 
 
 def _version_with_key(cl: Any, name: str, key: str) -> Any | None:

@@ -1,6 +1,7 @@
 """Training throughput: loraflow's train stage vs the plain QLoRA script a user would write.
 
     .venv/bin/python bench/train_throughput.py [--reps 3] [--records 1000] [--batch-size 8] [--grouped]
+                                                [--hidden 256 --layers 6]
                                                 [--baseline-dtype bfloat16|float32] [--work /tmp/lf-bench]
 
 Same model (a random-init ~5M-parameter Llama with the embedded base's tokenizer; nothing is
@@ -9,6 +10,8 @@ same knobs (QLoRA NF4 + double quant, r=16, alpha=32, q/v, batch 8, one epoch, l
 256) and so the same supervised tokens. Each run is a fresh process; the two sides alternate, and
 the table shows medians (this machine has minutes-long slow spells: TRAPS.md 8). Throughput is
 supervised (answer + EOS) tokens per second of ``trainer.train``; model loading is not counted.
+``--hidden``/``--layers`` size the model (intermediate 4x hidden, heads of 32): a bigger
+one spends more of each step on its tokens and less on per-step costs.
 ``--grouped`` adds a third side: loraflow with ``train.batching=group_by_length`` (the padded,
 length-grouped batches ``auto`` replaces with padding-free ones where the model passes the check).
 Writes ``bench/results/train_throughput-<date>-<device>-<baseline dtype>-b<batch>.json``.
@@ -45,6 +48,8 @@ def main() -> int:
                          "it was 15x slower than float32 in a first smoke run here, so compare against float32 too)")
     ap.add_argument("--batch-size", type=int, default=KNOBS["batch_size"], help="train.batch_size of both sides")
     ap.add_argument("--grouped", action="store_true", help="also run loraflow with train.batching=group_by_length")
+    ap.add_argument("--hidden", type=int, default=256, help="the model's hidden size (default: the ~5M model)")
+    ap.add_argument("--layers", type=int, default=6, help="the model's decoder layers")
     ap.add_argument("--one", choices=["ours", "baseline", "grouped"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
@@ -54,7 +59,7 @@ def main() -> int:
         print(json.dumps(_run_one(args.one, work)))
         return 0
 
-    _setup(work, args.records)
+    _setup(work, args.records, args.hidden, args.layers)
     sides = ["baseline", "ours"] + (["grouped"] if args.grouped else [])
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for rep in range(args.reps):
@@ -75,7 +80,7 @@ def main() -> int:
     return 0
 
 
-def _setup(work: Path, records: int) -> None:
+def _setup(work: Path, records: int, hidden: int = 256, layers: int = 6) -> None:
     """The bench model and data, built once; loraflow's prepare stage writes the train split both sides read."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -88,8 +93,9 @@ def _setup(work: Path, records: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
     tok = AutoTokenizer.from_pretrained(ensure_base(ROOT / "models" / "base"))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                         num_key_value_heads=hidden // 32, max_position_embeddings=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -196,11 +202,13 @@ def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         print(f"baseline batches computed {padded[0]['computed_tokens']:,} tokens for {padded[0]['tokens']:,} real ones "
               f"({1 - 1 / ceiling:.0%} padding): dropping all padding is worth at most {ceiling:.2f}x")
     out = (ROOT / "bench" / "results" /
-           f"train_throughput-{datetime.date.today()}-{device}-{args.baseline_dtype}-b{KNOBS['batch_size']}.json")
+           f"train_throughput-{datetime.date.today()}-{device}-{args.baseline_dtype}-b{KNOBS['batch_size']}"
+           f"{'' if (args.hidden, args.layers) == (256, 6) else f'-h{args.hidden}x{args.layers}'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": str(datetime.date.today()), "device": device, "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "cpu_native_bf16": native_bf16, "torch": torch.__version__, "knobs": KNOBS, **info,
+        "hidden": args.hidden, "layers": args.layers,
         "baseline_compute_dtype": args.baseline_dtype, "reps": args.reps,
         "runs": runs, "median_supervised_tok_s": {names[k]: v for k, v in rates.items()},
         "ratio": rates["ours"] / base,

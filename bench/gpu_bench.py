@@ -11,7 +11,9 @@ with double quantization (bitsandbytes ``Linear4bit``, bf16 compute; the LM head
 runs peft's ``prepare_model_for_kbit_training``, as the train stage does. Each method: a fresh
 model, ``--warmup`` steps, then ``--steps`` timed steps of ``--batch`` sequences of ``--seq``
 tokens (random ids, every token supervised), AdamW on the adapters, bf16 autocast, no gradient
-checkpointing.
+checkpointing. Batches 4 and then 1 by default: at 4 x 1024 both methods carry ~17 GiB of
+activations and the planner expects QLoRA at 0.72x LoRA's memory, at 1 x 1024 at 0.51x; one
+GPU session measures both.
 
 MFU = tokens/s x ``flops_per_token`` (loraflow/planner/estimates.py: 4·N_mm + 6·P_a for LoRA and
 QLoRA) / the device's dense bf16 peak (``gpu_peak_tflops``, the same table). QLoRA's dequantization
@@ -56,7 +58,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shape, CPU allowed, 2 steps: checks the script")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; smoke 64)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; smoke 2)")
+    ap.add_argument("--batch", default=None,
+                    help="sequences per step, or a list run one after the other (default 4,1: the goal's batch, "
+                         "and the one where the planner expects 4-bit weights to matter most; smoke 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     ap.add_argument("--methods", default="lora,qlora")
@@ -68,9 +72,10 @@ def main() -> int:
 
     smoke = args.smoke
     seq = args.seq or (64 if smoke else 1024)
-    batch = args.batch or (2 if smoke else 4)
+    batches = [int(b) for b in str(args.batch or ("2" if smoke else "4,1")).split(",") if b.strip()]
     if args.predict:
-        _print_prediction(LLAMA2_7B, seq, batch, args.device_name)
+        for batch in batches:
+            _print_prediction(LLAMA2_7B, seq, batch, args.device_name)
         return 0
 
     import torch
@@ -85,28 +90,30 @@ def main() -> int:
     device_name = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})"
     shape_cfg = SMOKE if smoke else LLAMA2_7B
 
-    results: dict[str, Any] = {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        print(f"==> {method}: {'smoke shape' if smoke else 'Llama-2-7B shape'}, batch {batch} x {seq} tokens, "
-              f"{warmup} warm-up + {steps} timed steps on {device_name}", file=sys.stderr, flush=True)
-        try:
-            results[method] = run_method(method, shape_cfg, device, seq, batch, steps, warmup)
-        except Exception as e:  # noqa: BLE001 - keep the other method's numbers; say what failed
-            import traceback
+    results: dict[str, dict[str, Any]] = {}  # batch -> method -> row
+    for batch in batches:
+        rows = results[str(batch)] = {}
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            print(f"==> {method}: {'smoke shape' if smoke else 'Llama-2-7B shape'}, batch {batch} x {seq} tokens, "
+                  f"{warmup} warm-up + {steps} timed steps on {device_name}", file=sys.stderr, flush=True)
+            try:
+                rows[method] = run_method(method, shape_cfg, device, seq, batch, steps, warmup)
+            except Exception as e:  # noqa: BLE001 - keep the other runs' numbers; say what failed
+                import traceback
 
-            traceback.print_exc()
-            results[method] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
-            if cuda:
-                torch.cuda.empty_cache()
-        if "error" not in results[method]:
-            results[method]["planner"] = predict(method, shape_cfg, seq, batch, device_name if cuda else None)
-        print(f"    {json.dumps(results[method])}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                rows[method] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+                if cuda:
+                    torch.cuda.empty_cache()
+            if "error" not in rows[method]:
+                rows[method]["planner"] = predict(method, shape_cfg, seq, batch, device_name if cuda else None)
+            print(f"    {json.dumps(rows[method])}", file=sys.stderr, flush=True)
 
-    summary = _summary(results)
+    summary = {b: _summary(rows) for b, rows in results.items()}
     payload = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "smoke": smoke, "shape": "smoke" if smoke else "Llama-2-7B (random init)",
-        "config": shape_cfg, "lora": LORA, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup,
+        "config": shape_cfg, "lora": LORA, "seq": seq, "batches": batches, "steps": steps, "warmup": warmup,
         "versions": _versions(), "results": results, "summary": summary, "goals": GOALS,
         "command": " ".join(["bench/gpu.sh"] + sys.argv[1:]),
     }
@@ -117,9 +124,10 @@ def main() -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out)
-    _print_table(results, summary, device_name)
+    for batch, rows in results.items():
+        _print_table(rows, summary[batch], f"{device_name}, batch {batch} x {seq}")
     print(f"wrote {out}", file=sys.stderr)
-    return 0 if not any("error" in r for r in results.values()) else 1
+    return 0 if not any("error" in r for rows in results.values() for r in rows.values()) else 1
 
 
 def build(method: str, shape_cfg: dict, device):

@@ -55,9 +55,10 @@ def test_smoke_runs_both_methods_and_records_the_prediction(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    payload = json.loads(out.read_text())
+    assert payload["batches"] == [2] and list(payload["results"]) == ["2"]
     for method in ("lora", "qlora"):
-        r = results[method]
+        r = payload["results"]["2"][method]
         # 2 layers x (q_proj, v_proj) x r=16 x (64 in + 64 out): the adapters and nothing else train.
         assert r["trainable_params"] == 2 * 2 * 16 * (64 + 64)
         assert math.isfinite(r["final_loss"]) and r["tokens_per_s"] > 0

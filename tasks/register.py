@@ -7,7 +7,9 @@ Re-running with the same (data, params, code) registers nothing new.
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -110,6 +112,30 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     return result
 
 
+_MLFLOW_ADVICE = re.compile(r"(?s).*(Add type hints to the `predict` method|An input example was not provided)")
+
+
+@contextmanager
+def _quiet_mlflow_advice() -> Iterator[None]:
+    """Leave out MLflow's advice for a model logged without type hints on predict or an input example.
+
+    Both are left out on purpose (the signature is the schema; an example would be validated by
+    loading the model a second time), so the advice is noise in every pipeline's log. A filter
+    cannot drop it: MLflow emits it under its own ``simplefilter("once", UserWarning)``
+    (``filter_user_warnings_once``), which goes before any filter of ours; so it is dropped where
+    warnings are shown, and every other warning is shown as before.
+    """
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def shown_unless_advice(message, category, *args, **kwargs):
+            if not (issubclass(category, UserWarning) and _MLFLOW_ADVICE.match(str(message))):
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = shown_unless_advice
+        yield
+
+
 def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, str]]:
     """Log the model as a pyfunc (``loraflow/pyfunc_model.py``); returns its ModelInfo and version tags.
 
@@ -124,7 +150,8 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from loraflow import pyfunc_model
+    with _quiet_mlflow_advice():  # defining its PythonModel class gives the first of MLflow's advice
+        from loraflow import pyfunc_model
 
     fmt = read_report(paths, "prepare").get("format") or "completion"
     config: dict[str, Any] = {
@@ -154,7 +181,7 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_new_tokens)]),
     )
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _quiet_mlflow_advice():
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(pyfunc_model.__file__)),  # "models from code": no pickle of our classes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,15 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
 
     loads = []
     real_load = transformers.PreTrainedModel.from_pretrained.__func__
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m.setattr(transformers.PreTrainedModel, "from_pretrained",
                   classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
         first = tasks.register.run(cfg, paths)
     assert loads == []
+    # MLflow's advice to add an input example or type hints (both left out on purpose) stays out of the log.
+    advice = [(str(w.message)[:30], w.filename, w.lineno) for w in caught if "input example" in str(w.message) or "type hints" in str(w.message)]
+    assert advice == []
     assert first.version == "1" and first.decision == "promoted"
     assert set(first.aliases) == {"challenger", "champion"}
 

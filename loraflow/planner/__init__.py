@@ -18,6 +18,7 @@ import os
 import sys
 from dataclasses import replace
 
+from loraflow import modeling
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
 from loraflow.paths import Paths
@@ -149,15 +150,9 @@ def detect_device(gpu_memory: float | None = None) -> Device:
         return Device(cuda[0], "gpu", round(cuda[1], 2), peak, est.GPU_MFU, "torch.cuda", bf16=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    # bf16: the train stage's own probe, so ``compute_dtype: auto`` is planned as it will be picked
     return Device(f"CPU ({cores} cores)", "cpu", round(ram, 2), est.CPU_TFLOPS_PER_CORE * cores, 1.0, "system RAM",
-                  bf16=_cpu_bf16())
-
-
-def _cpu_bf16() -> bool:
-    """Whether the train stage's ``compute_dtype: auto`` would pick bf16 on this CPU (its own probe)."""
-    from loraflow.modeling import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
+                  bf16=modeling.cpu_has_native_bf16())
 
 
 def _cuda() -> tuple[str, float] | None:

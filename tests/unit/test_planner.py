@@ -37,7 +37,7 @@ def _isolated(monkeypatch):
     """No GPU probing, a CPU without native bf16 (as on these machines) and no tracking URI from the
     environment: every test says what it plans for."""
     monkeypatch.setattr(planner, "_cuda", lambda: None)
-    monkeypatch.setattr(planner, "_cpu_bf16", lambda: False)
+    monkeypatch.setattr("loraflow.modeling.cpu_has_native_bf16", lambda: False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
@@ -276,9 +276,7 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
 
 def test_cpu_with_native_bf16_plans_what_the_train_stage_picks_there(tmp_path, root, monkeypatch):
     """compute_dtype auto is bf16 on a CPU with AVX512-BF16 or AMX (modeling.compute_dtype): 2-byte weights."""
-    from loraflow import modeling
-
-    monkeypatch.setattr(planner, "_cpu_bf16", lambda: True)
+    monkeypatch.setattr("loraflow.modeling.cpu_has_native_bf16", lambda: True)
     bf16 = plan_for(tmp_path, root, QWEN25_05B, gpu=None)
     P = bf16.params_total
     assert bf16.device.kind == "cpu" and bf16.device.bf16
@@ -286,9 +284,6 @@ def test_cpu_with_native_bf16_plans_what_the_train_stage_picks_there(tmp_path, r
     assert "bf16 where the device has it natively" in bf16.assumptions[0]
     fp32 = plan_for(tmp_path, root, QWEN25_05B, "quantization.compute_dtype=float32", gpu=None)
     assert fp32.memory["lora"].weights == 4 * P  # an explicit dtype is taken as given
-    # The planner's probe is the train stage's: on this machine both say the same.
-    monkeypatch.undo()
-    assert planner._cpu_bf16() == modeling.cpu_has_native_bf16()
 
 
 def test_cpu_totals_add_the_measured_allocator_retention_and_runtime(tmp_path, root):

@@ -9,6 +9,7 @@ from loraflow.modeling import (
     ensure_pad_token,
     load_model,
     load_tokenizer,
+    peft_quietly,
     refuse_pickle_only,
     uses_4bit,
 )
@@ -58,7 +59,8 @@ def attach_adapter(base, paths: Paths, allow_pickle: bool = False):
 
     refuse_pickle_only(paths.adapter, allow_pickle, "adapter", ("adapter_model",))
     try:
-        model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=False)
     except SafetensorError as e:
         raise ModelError(
             f"{paths.adapter}: the adapter's weights are damaged or incomplete ({str(e).strip().splitlines()[0]}); "

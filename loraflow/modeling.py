@@ -7,6 +7,9 @@ code shipped with a model runs only with ``model.trust_remote_code``.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -349,6 +352,16 @@ def _remote_code_error(where: str, what: str) -> ModelError:
         f"model.base: the {what} at {where} ships its own Python code, which loraflow runs only with "
         "model.trust_remote_code: true; set it only if you trust that code, or use a model transformers supports natively"
     )
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around peft's model building (``get_peft_model``, ``PeftModel.from_pretrained``): peft still asks
+    transformers' deprecated ``is_gradient_checkpointing``, a FutureWarning in every stage's log with
+    nothing for a user to act on. Other warnings show as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def disable_cpu_repack(model: "torch.nn.Module") -> int:

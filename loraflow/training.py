@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +71,9 @@ def attach_lora(
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from loraflow.modeling import disable_cpu_repack
+    from loraflow.modeling import disable_cpu_repack, peft_quietly
 
-    with warnings.catch_warnings():
-        # peft still asks transformers' deprecated is_gradient_checkpointing; nothing to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         if quantized:
             # Casts norms to fp32, freezes the base, and turns on checkpointing only when asked (TRAPS 3).
             model = prepare_model_for_kbit_training(

@@ -139,6 +139,25 @@ def test_evaluate_without_adapter_says_train_first(tmp_path, tiny_llama):
         tasks.evaluate.run(cfg, paths)
 
 
+def test_attaching_the_adapter_leaves_no_peft_deprecation_in_the_log(tmp_path, tiny_llama):
+    """peft asks transformers' deprecated is_gradient_checkpointing when it builds a model; evaluate and
+    merge printed that FutureWarning into every pipeline's log. Other warnings still show."""
+    import warnings
+
+    from loraflow.adapters import attach_adapter
+
+    cfg, paths = make_project(tmp_path, tiny_llama, method="lora")
+    plant_adapter(cfg, paths)
+    base = modeling.load_model(cfg, paths, quantized=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = attach_adapter(base, paths)
+        warnings.warn("a warning of ours", UserWarning)
+    assert not model.training
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+    assert "a warning of ours" in [str(w.message) for w in caught]
+
+
 # --- the helpers --------------------------------------------------------------------------------
 
 

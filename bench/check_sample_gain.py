@@ -4,7 +4,7 @@
     python bench/check_sample_gain.py --threads 1 -s lora.target_modules=attention \
         -s train.learning_rate=3e-3 -s train.batch_size=8 -s train.epochs=3   # the measured recipe
 
-Loads the base in 4-bit NF4 through ``loraflow.modeling.load_model`` (CPU repack disabled,
+Loads the base in 4-bit NF4 through ``loraflow.model.loading.load_model`` (CPU repack disabled,
 TRAPS.md 1), renders ``data/raw/sample.jsonl`` with the alpaca templates of the prepare stage,
 holds out 10% by a content hash, trains LoRA on the answers only with a plain AdamW loop, and
 prints greedy exact match and answer-token loss of base and tuned on the held-out records.
@@ -127,7 +127,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
 
     from loraflow.config import load_config
-    from loraflow.modeling import load_model, load_tokenizer
+    from loraflow.model.loading import load_model, load_tokenizer
     from loraflow.paths import Paths
 
     if args.threads:

@@ -5,8 +5,8 @@
 
 A random-init Llama of ~200M parameters is built from a config (nothing downloaded) and saved as fp32
 safetensors in a temporary folder. Each method then runs in its own fresh process, through the train
-stage's own code: ``loraflow.modeling.load_model`` (fp32, or NF4 + double quant for QLoRA, which drops
-the checkpoint's mapping after quantizing: TRAPS 5) and ``loraflow.training.attach_lora``, then a few
+stage's own code: ``loraflow.model.loading.load_model`` (fp32, or NF4 + double quant for QLoRA, which drops
+the checkpoint's mapping after quantizing: TRAPS 5) and ``loraflow.train.lora.attach_lora``, then a few
 steps of fused AdamW on random tokens (``bench/plan_memory.py``'s child does the measuring: the peak RSS
 above the process after its imports from VmHWM, and the peaks of RssAnon and RssFile, sampled every
 2 ms by a thread). The methods alternate within each repeat; the table shows medians. Next to each:

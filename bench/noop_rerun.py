@@ -99,14 +99,14 @@ def main() -> int:
 
 
 def _client(project: Path):
-    from loraflow import tracking
     from loraflow.paths import Paths
+    from loraflow.track import tracking
 
     return tracking.client(Paths.at(project))
 
 
 def _champion(project: Path) -> str | None:
-    from loraflow import registry
+    from loraflow.track import registry
 
     return registry.alias_version(_client(project), MODEL, registry.CHAMPION)
 

@@ -9,7 +9,7 @@ built) and is a fresh process, the two sides alternating (the machine may be sha
   temporary server, one MLflow run (params, metrics, artifacts, the hand-over of prepared data and
   adapter), the planner's lints, register (MLflow model logging, registry, gate);
 - plain: the script a user would write without Prefect, MLflow or DVC: load params.yaml, then
-  ``tasks.prepare.run``, ``tasks.train.run``, ``tasks.evaluate.run``, ``tasks.merge.run``.
+  ``loraflow.tasks.prepare.run``, ``loraflow.tasks.train.run``, ``loraflow.tasks.evaluate.run``, ``loraflow.tasks.merge.run``.
 
 Overhead = (pipeline - plain) / pipeline wall time. The breakdown comes from timers wrapped around
 the same functions in both processes as their modules are imported (nothing is imported earlier than
@@ -143,9 +143,9 @@ def install_timers(t: Timers) -> None:
     def trainer(m: Any) -> None:  # the training loop: the same code on both sides, and the noisiest part
         m.Trainer.train = t.wrap(m.Trainer.train, TRAIN_LOOP)
 
-    patches = {f"tasks.{s}": stage(s) for s in (*STAGES, "register")}
+    patches = {f"loraflow.tasks.{s}": stage(s) for s in (*STAGES, "register")}
     patches["transformers.trainer"] = trainer
-    patches |= {"loraflow.tracking": tracking, "loraflow.handoff": handoff, "loraflow.planner": planner,
+    patches |= {"loraflow.track.tracking": tracking, "loraflow.track.handoff": handoff, "loraflow.planner": planner,
                 "prefect.server.api.server": server, "loraflow.cli": cli}
     timed = {m: IMPORT_ML for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate")}
     timed |= {m: IMPORT_OPS for m in ("prefect", "mlflow")}
@@ -171,10 +171,10 @@ def child(side: str, record: Path) -> int:
         from loraflow.paths import Paths
 
         cfg, paths = load_config("params.yaml"), Paths.at(Path.cwd())
-        import tasks.evaluate
-        import tasks.merge
-        import tasks.prepare
-        import tasks.train
+        import loraflow.tasks.evaluate
+        import loraflow.tasks.merge
+        import loraflow.tasks.prepare
+        import loraflow.tasks.train
 
         for name in STAGES:
             getattr(tasks, name).run(cfg, paths)

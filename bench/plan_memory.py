@@ -8,9 +8,9 @@
 Each case (model × batch × seq × method × allocator × repeat) runs in a fresh subprocess: import torch,
 transformers, peft, bitsandbytes and the Llama modeling code, then take the baseline from
 ``/proc/self/status``, reset the peak (``echo 5 > /proc/self/clear_refs`` zeroes VmHWM), and do what
-the train stage does: load the base through ``loraflow.modeling.load_model`` (fp32 on CPU, or 4-bit NF4
+the train stage does: load the base through ``loraflow.model.loading.load_model`` (fp32 on CPU, or 4-bit NF4
 with double quant for QLoRA, which then drops the checkpoint's mapping), attach LoRA through
-``loraflow.training.attach_lora``, and train ``--steps`` steps of batch × seq random tokens with fused
+``loraflow.train.lora.attach_lora``, and train ``--steps`` steps of batch × seq random tokens with fused
 AdamW (the Trainer's default optimizer), gradients set to None after each step (as the Trainer does).
 Full fine-tuning trains every parameter of the same fp32 model.
 
@@ -115,10 +115,11 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from loraflow import modeling, training
     from loraflow.config import Config
+    from loraflow.model import loading
+    from loraflow.model.targets import resolve_targets
     from loraflow.paths import Paths
-    from loraflow.targets import resolve_targets
+    from loraflow.train import lora
 
     torch.set_num_threads(threads)
     spec = os.environ.get("PLAN_MEMORY_MALLOPT", "")
@@ -154,12 +155,12 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
     sampler.start()
     t0 = time.perf_counter()
     quantized = method == "qlora"
-    model = modeling.load_model(cfg, paths, quantized=quantized, dtype=torch.float32)
+    model = loading.load_model(cfg, paths, quantized=quantized, dtype=torch.float32)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model = training.attach_lora(model, cfg, resolve_targets(model, cfg.lora.target_modules), quantized=quantized)
+        model = lora.attach_lora(model, cfg, resolve_targets(model, cfg.lora.target_modules), quantized=quantized)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -240,7 +241,7 @@ def estimate(model_dir: str, method: str, batch: int, seq: int) -> dict:
     """What ``loraflow plan`` says for this CPU: the live tensors, glibc's retention, the runtime, the load."""
     from transformers import AutoConfig
 
-    from loraflow.modeling import cpu_has_native_bf16
+    from loraflow.model.loading import cpu_has_native_bf16
     from loraflow.planner import estimates as est
     from loraflow.planner import memory_estimates, model_shape, resolve_targets
 

@@ -85,10 +85,10 @@ def _setup(work: Path, records: int, hidden: int = 256, layers: int = 6) -> None
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from loraflow.basemodel import ensure_base
+    import loraflow.tasks.prepare
     from loraflow.config import load_config
+    from loraflow.model.embedded import ensure_base
     from loraflow.paths import Paths
-    import tasks.prepare
 
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
@@ -116,7 +116,7 @@ def _setup(work: Path, records: int, hidden: int = 256, layers: int = 6) -> None
     rows = [{"instruction": text(12, 0.8), "input": "", "output": text(25, 1.0)} for _ in range(records)]
     (work / "data" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = load_config(ROOT / "params.yaml", _overrides(work))
-    tasks.prepare.run(cfg, Paths.at(work))
+    loraflow.tasks.prepare.run(cfg, Paths.at(work))
     (work / "bench.json").write_text(json.dumps({"model_params": params, "records": records}), encoding="utf-8")
 
 
@@ -134,8 +134,8 @@ def _overrides(work: Path, side: str = "ours") -> list[str]:
 def _run_one(side: str, work: Path) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from loraflow.config import load_config
+    from loraflow.data.splits import load_split
     from loraflow.paths import Paths
-    from loraflow.prepared import load_split
 
     paths = Paths.at(work)
     rows = load_split(paths, "train")
@@ -148,7 +148,7 @@ def _run_one(side: str, work: Path) -> dict:
 
     from transformers import TrainerCallback
 
-    import tasks.train
+    import loraflow.tasks.train
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -160,7 +160,7 @@ def _run_one(side: str, work: Path) -> dict:
     shutil.rmtree(work / "outputs", ignore_errors=True)  # never resume from the previous rep's checkpoint
     clock = Clock()
     cfg = load_config(ROOT / "params.yaml", _overrides(work, side))
-    result = tasks.train.run(cfg, paths, callbacks=[clock])
+    result = loraflow.tasks.train.run(cfg, paths, callbacks=[clock])
     report = json.loads(paths.report("train").read_text(encoding="utf-8"))
     return {"seconds": clock.seconds, "supervised_tokens": result.supervised_tokens, "steps": result.steps,
             "final_loss": result.train_loss if result.train_loss is not None else float("nan"),
@@ -168,7 +168,7 @@ def _run_one(side: str, work: Path) -> dict:
 
 
 def modeling_dtype(cfg):
-    from loraflow.modeling import compute_dtype
+    from loraflow.model.loading import compute_dtype
 
     return compute_dtype(cfg)
 
@@ -219,7 +219,7 @@ def _report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
 
 
 def _native_bf16() -> bool:
-    from loraflow.modeling import cpu_has_native_bf16
+    from loraflow.model.loading import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 

@@ -10,10 +10,10 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from loraflow import tracking
 from loraflow.config import Config, load_config
 from loraflow.errors import ConfigError, LoraflowError
 from loraflow.paths import Paths
+from loraflow.track import tracking
 
 DEFAULT_TRAIN_DEPLOYMENT = "train/gpu"
 # Workers' logs are files: no artifact progress bars there (the CLI sets the same).

@@ -27,22 +27,32 @@ from typing import Any
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-import tasks.evaluate
-import tasks.merge
-import tasks.prepare
-import tasks.register
-from flows.common import (
-    DEFAULT_TRAIN_DEPLOYMENT, as_config, digest, label, mlflow_link, plain, publish, redact_stored_parameters,
-    retrying, run_name, table,
+import loraflow.tasks.evaluate
+import loraflow.tasks.merge
+import loraflow.tasks.prepare
+import loraflow.tasks.register
+from loraflow.flows.common import (
+    DEFAULT_TRAIN_DEPLOYMENT,
+    as_config,
+    digest,
+    label,
+    mlflow_link,
+    plain,
+    publish,
+    redact_stored_parameters,
+    retrying,
+    run_name,
+    table,
+)
+from loraflow.flows.common import (
     tracker as _tracker,
 )
-from loraflow import handoff, tracking
-from loraflow.basedigest import base_digest
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
-from loraflow.lineage import code_digest, dvc_lock_digest, git_commit
+from loraflow.fingerprint import base_digest, code_digest, dvc_lock_digest, git_commit
 from loraflow.paths import Paths
 from loraflow.secretref import externalize
+from loraflow.track import handoff, tracking
 
 TRAIN_SECTIONS = ("model", "data", "method", "quantization", "lora", "train")
 TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
@@ -54,7 +64,7 @@ TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "l
 
 
 def _source_digest(cfg: Config, root: Path) -> str | None:
-    from loraflow.digest import dataset_digest, file_md5
+    from loraflow.fingerprint import dataset_digest, file_md5
 
     given = Path(cfg.data.path).expanduser()
     local = given if given.is_absolute() else root / given
@@ -88,7 +98,7 @@ def train_key(context: Any, parameters: dict[str, Any]) -> str:
 def _after_training(cfg: Config, paths: Paths) -> dict[str, Any] | None:
     """What evaluate and merge read besides their own config section: the adapter (its bytes), the
     test split, the base (its weights), the code; None (no caching) without an adapter or test split."""
-    from loraflow.digest import dataset_digest, file_md5
+    from loraflow.fingerprint import dataset_digest, file_md5
 
     test = paths.split("test")
     if not (paths.adapter / "adapter_config.json").exists() or not test.exists():
@@ -106,7 +116,7 @@ def evaluate_key(context: Any, parameters: dict[str, Any]) -> str | None:
 
 def merge_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """Also the evaluate report: merge compares its merged loss with the tuned loss there."""
-    from loraflow.digest import file_md5
+    from loraflow.fingerprint import file_md5
 
     cfg: Config = parameters["config"]
     paths = Paths.at(parameters["root"])
@@ -122,7 +132,7 @@ def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
     """A stamp of what ``stage`` leaves on disk, stored with its cached result: a cache hit is
     trusted only while the files are still those (a ``loraflow stage`` run in between rewrites them).
     Small reports by md5; the merged model by name, size and mtime (hashing a 7B model costs a minute)."""
-    from loraflow.digest import file_md5
+    from loraflow.fingerprint import file_md5
 
     files = [paths.report(stage)] + ([paths.samples] if stage == "evaluate" else [])
     stamp: dict[str, Any] = {str(f.relative_to(paths.root)): file_md5(f) if f.exists() else None for f in files}
@@ -137,7 +147,7 @@ def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
 
 @task(name="prepare", cache_key_fn=prepare_key, persist_result=True)
 def prepare_task(config: Config, root: str) -> dict[str, Any]:
-    return plain(tasks.prepare.run(config, Paths.at(root)))
+    return plain(loraflow.tasks.prepare.run(config, Paths.at(root)))
 
 
 @task(name="upload prepared data")
@@ -158,7 +168,7 @@ def train_task(config: Config, root: str, run_id: str, dataset_digest: str, depl
         _train_on_deployment(config, paths, run_id, deployment)
         report = handoff.read_json_artifact(paths, run_id, "reports/train.json")
     else:
-        from flows.train import train
+        from loraflow.flows.train import train
 
         # secrets as ${env:...} references (the subflow's stored parameters): it runs in this process
         report = train(run_id=run_id, config=externalize(config.model_dump(mode="json")), root=str(paths.root))
@@ -172,19 +182,19 @@ def download_adapter_task(root: str, run_id: str) -> None:
 
 @task(name="evaluate", task_run_name="evaluate base vs tuned", cache_key_fn=evaluate_key, persist_result=True)
 def evaluate_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    result = plain(tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(loraflow.tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
     return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "evaluate")}
 
 
 @task(name="merge", task_run_name="merge into {config.merge.base} base", cache_key_fn=merge_key, persist_result=True)
 def merge_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    result = plain(tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(loraflow.tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
     return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "merge")}
 
 
 @task(name="register", task_run_name="register {config.register.model_name}")
 def register_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return plain(tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
+    return plain(loraflow.tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
 
 
 # --------------------------------------------------------------------------------------------- training elsewhere
@@ -398,7 +408,7 @@ def _cached_stage(task_obj: Any, stage: str, cfg: Config, paths: Paths, tracker:
 
 
 def _prepared_matches(paths: Paths, result: dict[str, Any]) -> bool:
-    from loraflow.digest import dataset_digest
+    from loraflow.fingerprint import dataset_digest
 
     return paths.split("train").exists() and dataset_digest(paths.prepared) == result.get("dataset_digest")
 

@@ -21,13 +21,22 @@ from typing import Any
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-import tasks.train
-from flows.common import (
-    as_config, label, mlflow_link, plain, publish, redact_stored_parameters, retrying, run_name, table, tracker,
+import loraflow.tasks.train
+from loraflow.flows.common import (
+    as_config,
+    label,
+    mlflow_link,
+    plain,
+    publish,
+    redact_stored_parameters,
+    retrying,
+    run_name,
+    table,
+    tracker,
 )
-from loraflow import handoff
 from loraflow.config import Config
 from loraflow.paths import Paths
+from loraflow.track import handoff
 
 # Extra transformers TrainerCallbacks for in-process runs (tests plant faults with one).
 EXTRA_CALLBACKS: list[Any] = []
@@ -89,7 +98,7 @@ def deadline_callback(seconds: float) -> Any:
 def train_stage(config: Config, root: str, run_id: str) -> dict[str, Any]:
     """The train stage; a retry re-enters it and it resumes from its last checkpoint in outputs/checkpoints."""
     callbacks = [deadline_callback(config.orchestration.train_timeout_s), *EXTRA_CALLBACKS]
-    return plain(tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
+    return plain(loraflow.tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
 
 
 @task(name="upload adapter")

@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     if args.strict and (code := _strict(cfg, paths, "run")):
         return code
-    from loraflow import tracking
+    from loraflow.track import tracking
 
     tracking.require_reachable(paths)  # before prepare: an unreachable store fails in seconds, not after work
     with project_lock(paths.root):
@@ -198,7 +198,7 @@ def _run(cfg, paths) -> int:
     server = _TemporaryServer.spawn(cfg)
     api_url = None
     try:
-        from flows.finetune import finetune, require_server
+        from loraflow.flows.finetune import finetune, require_server
 
         if server is None:  # a configured server must answer; no server where one is needed: one line
             require_server(cfg.orchestration.train_deployment)
@@ -322,7 +322,7 @@ class _TemporaryServer:
 
 def _warm_tracking_store(paths) -> None:
     """Open the MLflow store (imports, and for a new sqlite store its tables) while the server boots."""
-    from loraflow import tracking
+    from loraflow.track import tracking
 
     try:
         tracking.client(paths).search_experiments(max_results=1)
@@ -383,7 +383,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise LoraflowError(f"--strict: applies to `stage train` and `run`, not `stage {args.name}`")
         if code := _strict(cfg, paths, "stage train"):
             return code
-    from loraflow import tracking
+    from loraflow.track import tracking
 
     if args.name in ("train", "evaluate", "merge", "register"):
         tracking.require_reachable(paths)  # before any training: one line in seconds, not MLflow's retries
@@ -392,34 +392,35 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace, cfg, paths) -> int:
-    from loraflow import tracking
-    from loraflow.lineage import read_report
+    from loraflow.track import tracking
+    from loraflow.track.lineage import read_report
 
     if args.name == "base-digest":  # dvc.yaml's always-changed stage: which weights model.base is now
-        from loraflow.basedigest import write_digest_file
+        from loraflow.fingerprint import write_digest_file
 
         print(write_digest_file(cfg, paths))
         return 0
     if args.name == "base":
-        from loraflow.modeling import EMBEDDED_BASE, base_location
+        from loraflow.config import EMBEDDED_BASE
+        from loraflow.model.loading import base_location
 
         if cfg.model.base != EMBEDDED_BASE:  # dvc.yaml's base stage still owns models/base
-            from loraflow.dvcmeta import write_base_reference
+            from loraflow.model.embedded import write_base_reference
 
             print(f"model.base is {cfg.model.base}; wrote {write_base_reference(cfg, paths)} instead of building")
             return 0
         print(base_location(cfg, paths))
         return 0
     if args.name == "prepare":
-        import tasks.prepare
+        import loraflow.tasks.prepare
 
-        tasks.prepare.run(cfg, paths)
+        loraflow.tasks.prepare.run(cfg, paths)
         return 0
     import importlib
 
-    stage = importlib.import_module(f"tasks.{args.name}")
+    stage = importlib.import_module(f"loraflow.tasks.{args.name}")
     if args.name == "train":
-        from loraflow.lineage import dvc_lock_digest, git_commit
+        from loraflow.fingerprint import dvc_lock_digest, git_commit
 
         tags = {"git_commit": git_commit(paths.root)}  # the contract's run tags, as the flow sets them
         if lock := dvc_lock_digest(paths.root):
@@ -459,8 +460,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
     """The registry client and its URI: MLFLOW_TRACKING_URI, else the store next to ``-c`` params.yaml
     (or in the current folder). A missing local store is an error, not a new empty one."""
-    from loraflow import tracking
     from loraflow.paths import Paths
+    from loraflow.track import tracking
 
     if args.config is not None and not Path(args.config).is_file():
         raise LoraflowError(f"{command}: config file {args.config} not found; pass -c path/to/params.yaml")
@@ -475,7 +476,7 @@ def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from loraflow import registry
+    from loraflow.track import registry
 
     cl, uri = _registry(args, "promote")
     try:
@@ -502,7 +503,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from loraflow import registry
+    from loraflow.track import registry
 
     cl, uri = _registry(args, "models")
     versions = sorted(cl.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version))
@@ -525,7 +526,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_build_base(args: argparse.Namespace) -> int:
-    from loraflow.basemodel import cli_build_base
+    from loraflow.model.embedded import cli_build_base
 
     return cli_build_base(args.out, args.steps)
 
@@ -567,7 +568,7 @@ def _print_summary(out: dict[str, Any], paths) -> None:
     if reg:
         console.print(f"registered:     {reg.get('name')} v{reg.get('version')} "
                       f"aliases={','.join(reg.get('aliases', []))} ({reg.get('reason')})")
-    from loraflow.tracking import tracking_uri
+    from loraflow.track.tracking import tracking_uri
 
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):

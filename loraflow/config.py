@@ -44,6 +44,10 @@ class ModelSection(Section):
     )
 
 
+# The default base: the small model loraflow builds itself (loraflow/model/embedded.py), never downloaded.
+EMBEDDED_BASE = ModelSection.model_fields["base"].default  # "models/base"
+
+
 class DataSection(Section):
     path: str = Field(
         "data/raw/sample.jsonl",

@@ -6,7 +6,7 @@ run (``loraflow run``, the pipeline starting its ``train`` subflow or deployment
 in which every secret-looking value (``tracking.redact``: a secret-looking key such as
 ``*_token``/``*_key``/``password``, a password in a URI) is the reference
 ``${env:LORAFLOW_SECRET_<KEY>}`` and sets that variable in its own environment; the flow resolves
-references as it builds its config (``flows.common.as_config``).
+references as it builds its config (``loraflow.flows.common.as_config``).
 
 A reference may also be written by hand in any config value (``-s data.path=${env:MY_DATA_URI}``,
 a deployment's parameters). A deployment's flow runs on a worker: the variable must be set in that
@@ -37,7 +37,7 @@ def _map_strings(value: Any, fn: Callable[[tuple[str, ...], str], str], path: tu
 
 def externalize(config: dict[str, Any], environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
     """``config`` (JSON form) with each secret-looking string replaced by a reference; the values go to ``environ``."""
-    from loraflow.tracking import redact
+    from loraflow.track.tracking import redact
 
     def out(path: tuple[str, ...], value: str) -> str:
         if not path or REFERENCE.fullmatch(value) or redact(path[-1], value) == value:

@@ -15,15 +15,15 @@ import math
 import sys
 from dataclasses import dataclass
 
-from loraflow.adapters import load_adapter_tokenizer, load_tuned, require_adapter
 from loraflow.atomic import write_json, write_jsonl
 from loraflow.config import Config
+from loraflow.data.splits import load_split
+from loraflow.data.textmetrics import exact_match, mean, token_f1
 from loraflow.errors import DataError
-from loraflow.generation import completion_loss, greedy_generate
+from loraflow.model.adapters import load_adapter_tokenizer, load_tuned, require_adapter
+from loraflow.model.generation import completion_loss, greedy_generate
 from loraflow.paths import Paths
-from loraflow.prepared import load_split
-from loraflow.textmetrics import exact_match, mean, token_f1
-from loraflow.tracking import NullTracker, Tracker, loss_figure
+from loraflow.track.tracking import NullTracker, Tracker, loss_figure
 
 LOSS_METRICS = ("loss", "perplexity")
 SAMPLES_TABLE = "eval/samples.json"  # MLflow table artifact of reports/samples.jsonl

@@ -25,15 +25,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraflow import modeling
 from loraflow.atomic import atomic_dir, write_json
 from loraflow.config import Config
-from loraflow.errors import DataError, LoraflowError, ModelError
-from loraflow.generation import completion_loss, encode_example
+from loraflow.data.splits import load_split
+from loraflow.errors import DataError, LoraflowError
+from loraflow.model import loading
+from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
+from loraflow.model.generation import completion_loss, encode_example
+from loraflow.model.quant import dequantize_into
 from loraflow.paths import Paths
-from loraflow.prepared import load_split
-from loraflow.tracking import NullTracker, Tracker
-from loraflow.adapters import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
+from loraflow.track.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
     import torch
@@ -64,20 +65,20 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
         raise DataError(f"{paths.split('test')}: the test split is empty; the merged model must be measured on one")
     tokenizer = load_adapter_tokenizer(cfg, paths)
     probe = _probe_batch(tokenizer, rows[:PROBE_ROWS], cfg.data.max_length)
-    qlora = modeling.uses_4bit(cfg, paths)
+    qlora = loading.uses_4bit(cfg, paths)
     merge_base = cfg.merge.base if qlora else "original"
 
-    base = modeling.load_model(cfg, paths, quantized=False)
+    base = loading.load_model(cfg, paths, quantized=False)
     trained_logits = None
     if qlora:
-        quantized = modeling.load_model(cfg, paths, quantized=True)
+        quantized = loading.load_model(cfg, paths, quantized=True)
         if merge_base == "dequantized":
             n = dequantize_into(base, quantized)  # before any forward on the 4-bit model
             print(f"    dequantized {n} NF4 layers to fp32", file=sys.stderr)
         # The model as trained and evaluated: 4-bit base + adapter.
         trained_logits = _logits(attach_adapter(quantized, paths, cfg.model.allow_pickle), probe)
         del quantized
-    elif modeling.compute_dtype(cfg) != base.dtype:  # LoRA trained in bf16 (GPU): that is the trained model
+    elif loading.compute_dtype(cfg) != base.dtype:  # LoRA trained in bf16 (GPU): that is the trained model
         trained_logits = _logits(load_tuned(cfg, paths), probe)
 
     base = to_accelerator(base)
@@ -126,52 +127,6 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
           f"{latency_base:.1f} ms base", file=sys.stderr)
     return MergeResult(str(paths.merged), str(paths.report("merge")), merge_base, diff, diff_trained, loss,
                        loss_delta, latency_merged, latency_base)
-
-
-def dequantize_into(target: "torch.nn.Module", quantized: "torch.nn.Module") -> int:
-    """Copy ``quantized`` (a bitsandbytes 4-bit model) into ``target`` (the same model in fp32), dequantized.
-
-    Every ``Linear4bit`` weight becomes exactly the matrix its forward multiplies by
-    (``dequantize_4bit``, as bitsandbytes' CPU and GPU matmuls do), in fp32; every other parameter
-    (embeddings, norms, lm_head) is copied too, so a base loaded in bf16 compute is matched as well.
-    Refuses weights that bitsandbytes repacked for CPU inference (TRAPS.md 1): that layout is not
-    what was trained, and the in-place repack already rounded the scales to bf16.
-    ``quantized`` may carry LoRA wrappers (a PeftModel's base): their base layers are used.
-    Returns the number of 4-bit layers dequantized.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    n = 0
-    four_bit_weights = set()
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if not isinstance(module, bnb.nn.Linear4bit):
-                continue
-            state = module.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
-                raise ModelError(
-                    f"merge: {name} was repacked for CPU inference by an eval-mode forward (TRAPS.md 1); "
-                    "load the 4-bit base afresh with modeling.load_model (which disables the repack) and merge that"
-                )
-            weight = bnb.functional.dequantize_4bit(module.weight.data, state).to(torch.float32)
-            dest = target.get_submodule(_unwrapped(name))
-            if tuple(dest.weight.shape) != tuple(weight.shape):
-                raise ModelError(f"merge: {name}: 4-bit shape {tuple(weight.shape)} != fp32 {tuple(dest.weight.shape)}")
-            dest.weight.copy_(weight)
-            four_bit_weights.add(f"{name}.weight")
-            n += 1
-        params = dict(target.named_parameters())
-        for name, p in quantized.named_parameters():  # LoRA's own parameters have no match: skipped
-            dest = params.get(_unwrapped(name))
-            if name not in four_bit_weights and dest is not None:
-                dest.copy_(p.to(dest.dtype))
-    return n
-
-
-def _unwrapped(name: str) -> str:
-    """The module name without PEFT's wrapper level: ``q_proj.base_layer.weight`` -> ``q_proj.weight``."""
-    return name.replace(".base_layer", "")
 
 
 def lora_modules(model: "torch.nn.Module") -> list[str]:

@@ -22,13 +22,13 @@ from pydantic import BaseModel
 
 from loraflow.atomic import atomic_dir, write_json, write_jsonl
 from loraflow.config import Config
-from loraflow.digest import dataset_digest
+from loraflow.data.formats import BadRecord, check_fields, detect_format, render
+from loraflow.data.readers import find_source, read_records, too_long
+from loraflow.data.splits import SPLITS
 from loraflow.errors import DataError
-from loraflow.formats import BadRecord, check_fields, detect_format, render
-from loraflow.modeling import load_tokenizer
+from loraflow.fingerprint import dataset_digest
+from loraflow.model.loading import load_tokenizer
 from loraflow.paths import Paths
-from loraflow.prepared import SPLITS
-from loraflow.readers import find_source, read_records, too_long
 
 # Every reason a record can be dropped for; the report lists them all (zeros too) so that
 # `dvc metrics diff` compares the same keys from run to run.

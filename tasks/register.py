@@ -16,15 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow import modeling, registry, tracking
-from loraflow.adapters import require_adapter
 from loraflow.atomic import write_json
 from loraflow.config import Config
+from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from loraflow.errors import ModelError
-from loraflow.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-from loraflow.lineage import lineage_key, lineage_tags, read_report
+from loraflow.model import loading
+from loraflow.model.adapters import require_adapter
 from loraflow.paths import Paths
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.track import registry, tracking
+from loraflow.track.lineage import lineage_key, lineage_tags, read_report
+from loraflow.track.tracking import NullTracker, Tracker
 
 # The registered model renders requests with the very templates training rendered with.
 ALPACA_INFERENCE_TEMPLATE = ALPACA_NO_INPUT.replace("{instruction}", "{prompt}")
@@ -146,12 +147,13 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
     """
     import importlib.metadata as md
 
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    import mlflow
+
     with _quiet_mlflow_advice():  # defining its PythonModel class gives the first of MLflow's advice
-        from loraflow import pyfunc_model
+        from loraflow.track import pyfunc_model
 
     fmt = read_report(paths, "prepare").get("format") or "completion"
     config: dict[str, Any] = {
@@ -169,7 +171,7 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
         # (MLflow only lets load_model(model_config=...) override keys that were logged).
         config["base_location"] = ""
         artifacts = {"adapter": str(paths.adapter)}
-        packages += ["peft"] + (["bitsandbytes"] if modeling.uses_4bit(cfg, paths) else [])
+        packages += ["peft"] + (["bitsandbytes"] if loading.uses_4bit(cfg, paths) else [])
         extra_tags |= {"base_location": config["base"]["location"], "base_sha256": config["base"].get("sha256", ""),
                        "base_pinned_revision": config["base"].get("revision") or ""}
     else:
@@ -208,9 +210,10 @@ def _fluent_uri(uri: str) -> Iterator[None]:
     """
     import os
 
-    import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    import mlflow
 
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
@@ -229,9 +232,9 @@ def _fluent_uri(uri: str) -> Iterator[None]:
 
 def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:
     """Where the adapter's base is and which exact weights: a local folder's sha256, a hub commit."""
-    where = modeling.base_location(cfg, paths)
+    where = loading.base_location(cfg, paths)
     if Path(where).exists():
-        from loraflow.pyfunc_model import weights_sha256
+        from loraflow.track.pyfunc_model import weights_sha256
 
         return {"source": "local", "location": str(Path(where).resolve()), "sha256": weights_sha256(where),
                 "revision": ""}

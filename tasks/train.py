@@ -20,7 +20,7 @@ from loraflow.atomic import atomic_dir, atomic_file, write_json
 from loraflow.config import Config
 from loraflow.errors import DataError
 from loraflow.paths import Paths
-from loraflow.tracking import NullTracker, Tracker
+from loraflow.track.tracking import NullTracker, Tracker
 
 
 @dataclass
@@ -49,10 +49,13 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     import torch
     from transformers import set_seed
 
-    from loraflow import modeling, rankcheck, training
-    from loraflow.digest import file_md5
-    from loraflow.prepared import load_split
-    from loraflow.targets import resolve_targets
+    from loraflow import planner
+    from loraflow.data.splits import load_split
+    from loraflow.fingerprint import file_md5
+    from loraflow.messages import say
+    from loraflow.model import loading, quant
+    from loraflow.model.targets import resolve_targets
+    from loraflow.train import callbacks, checkpoints, label_audit, lora, memory, rankcheck, sft
 
     print("==> train", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -64,21 +67,21 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         raise DataError(f"{paths.split('train')}: the train split is empty; check data.path and re-run prepare")
 
     # tokenizer and model
-    tokenizer = modeling.load_tokenizer(cfg, paths)
-    method, why = modeling.resolve_method(cfg, paths)
+    tokenizer = loading.load_tokenizer(cfg, paths)
+    method, why = planner.resolve_method(cfg, paths)
     if cfg.method == "auto":
-        training.say(why)
+        say(why)
     quantized = method == "qlora"
-    cdtype = modeling.compute_dtype(cfg)
-    model = modeling.load_model(cfg, paths, quantized=quantized, dtype=cdtype if not quantized else None)
-    quantized_layers = modeling.count_4bit_layers(model)
+    cdtype = loading.compute_dtype(cfg)
+    model = loading.load_model(cfg, paths, quantized=quantized, dtype=cdtype if not quantized else None)
+    quantized_layers = quant.count_4bit_layers(model)
     if quantized and quantized_layers == 0:
-        training.say(f"warning: {type(model).__name__} has no layer bitsandbytes can quantize; training it unquantized")
+        say(f"warning: {type(model).__name__} has no layer bitsandbytes can quantize; training it unquantized")
     targets = resolve_targets(model, cfg.lora.target_modules)
-    model = training.attach_lora(model, cfg, targets, quantized=quantized)
-    trainable, total = training.trainable_params(model)
+    model = lora.attach_lora(model, cfg, targets, quantized=quantized)
+    trainable, total = lora.trainable_params(model)
     pct = 100.0 * trainable / max(total, 1)
-    training.say(
+    say(
         f"{method} on {cfg.model.base}: r={cfg.lora.r}, alpha={cfg.lora.alpha:g} (scale {cfg.lora.scale:g}), "
         f"targets {', '.join(targets)}; {trainable:,} trainable params ({pct:.3f}% of {total:,})"
     )
@@ -88,31 +91,31 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         tracker.log_dataset("prepared", params["dataset_digest"], _rel(paths, paths.prepared), "training")
 
     # trainer, and what it will train on
-    log = training.TrainLog(paths.train_log, tracker)
-    trainer = training.build_trainer(
+    log = callbacks.TrainLog(paths.train_log, tracker)
+    trainer = sft.build_trainer(
         cfg, paths, model, tokenizer, train_rows, val_rows, compute_dtype=cdtype, callbacks=[log, *(callbacks or [])]
     )
-    audit = training.audit_labels(trainer, tokenizer, train_rows, cfg.data.max_length)
+    audit = label_audit.audit_labels(trainer, tokenizer, train_rows, cfg.data.max_length)
     with atomic_file(paths.label_audit) as fh:
         fh.write(audit.text)
     print(audit.text, file=sys.stderr, end="", flush=True)
 
     # resume only from a checkpoint of this same setup; anything else starts over
-    fp = training.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
-    resume = training.plan_resume(paths, fp, training.planned_steps(trainer), restart=cfg.train.resume == "restart")
+    fp = checkpoints.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
+    resume = checkpoints.plan_resume(paths, fp, checkpoints.planned_steps(trainer), restart=cfg.train.resume == "restart")
     if resume.note:
-        training.say(resume.note)
+        say(resume.note)
     if resume.checkpoint:
-        training.restore_counts(trainer, resume.checkpoint)
-    log.start(training.checkpoint_state(resume.checkpoint).log_history if resume.checkpoint else [])
+        checkpoints.restore_counts(trainer, resume.checkpoint)
+    log.start(checkpoints.checkpoint_state(resume.checkpoint).log_history if resume.checkpoint else [])
 
     train_seconds = 0.0
     if resume.done:
-        training.load_checkpoint(trainer, resume.checkpoint)
+        checkpoints.load_checkpoint(trainer, resume.checkpoint)
     else:
-        bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.LossBar))
+        bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.LossBar))
         try:
-            with training.out_of_memory_as_error(cfg, paths, method, trainer):  # one line with advice, not a crash
+            with memory.out_of_memory_as_error(cfg, paths, method, trainer):  # one line with advice, not a crash
                 output = trainer.train(resume_from_checkpoint=resume.checkpoint)
         finally:
             bar.close()
@@ -123,9 +126,9 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     eval_loss = None
     if val_rows:
         # Safe on the 4-bit model: load_model turned the CPU repack off (TRAPS 1).
-        with training.out_of_memory_as_error(cfg, paths, method):
+        with memory.out_of_memory_as_error(cfg, paths, method):
             eval_loss = float(trainer.evaluate()["eval_loss"])
-        training.say(f"eval_loss {eval_loss:.4f} on {len(val_rows)} val examples")
+        say(f"eval_loss {eval_loss:.4f} on {len(val_rows)} val examples")
         # "val_loss", not "eval_loss": that name is the evaluate stage's test-split metric in the same run.
         tracker.log_metrics({"val_loss": eval_loss}, step=steps)
 
@@ -134,17 +137,17 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         model.save_pretrained(str(tmp), safe_serialization=True)
         _sort_sets(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / modeling.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
-    last = training.keep_last_checkpoint(paths)
-    training.mark_finished(paths)  # its kept checkpoint now lets another setup start over (plan_resume)
+        write_json(tmp / loading.ADAPTER_META, _adapter_meta(cfg, method, targets, cdtype))
+    last = checkpoints.keep_last_checkpoint(paths)
+    checkpoints.mark_finished(paths)  # its kept checkpoint now lets another setup start over (plan_resume)
     # How much of r the adapter uses (singular values of each B·A), and whether to raise r.
     adapter_rank = rankcheck.check_adapter(paths.adapter, trainer.state.log_history, cfg.lora.r, cfg.lora.alpha)
     tracker.log_metrics(adapter_rank.metrics(), step=steps)
     if adapter_rank.suggestion:
-        training.say(f"suggestion: {adapter_rank.suggestion}")
+        say(f"suggestion: {adapter_rank.suggestion}")
 
     result = TrainResult(
-        train_loss=training.final_loss(trainer.state.log_history, cfg.train.logging_steps),
+        train_loss=callbacks.final_loss(trainer.state.log_history, cfg.train.logging_steps),
         steps=steps,
         tokens=trainer.counts.total,
         supervised_tokens=trainer.counts.supervised,
@@ -172,7 +175,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     write_json(paths.report("train"), report)
     # The adapter in the run as exactly `adapter/`: later stages on other machines download it from there.
     tracker.log_artifact(paths.adapter, "adapter")
-    training.say(
+    say(
         f"{steps} steps, final loss {result.train_loss if result.train_loss is not None else float('nan'):.4f}, "
         f"{result.tokens_per_second:,.0f} tokens/s; adapter in {result.adapter_dir}"
     )
@@ -185,14 +188,14 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
 
 
 def _optional_split(paths: Paths, name: str) -> list[dict]:
-    from loraflow.prepared import load_split
+    from loraflow.data.splits import load_split
 
     return load_split(paths, name) if paths.split(name).exists() else []
 
 
 def _params(cfg: Config, paths: Paths, method: str, targets: list[str], trainable: int, pct: float) -> dict[str, Any]:
     """The contract's MLflow run params."""
-    from loraflow.modeling import compute_dtype
+    from loraflow.model.loading import compute_dtype
 
     params: dict[str, Any] = {
         "base_model": cfg.model.base,

@@ -15,6 +15,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# compute_dtype auto is bf16 on a CPU with AVX512-BF16 or AMX, fp32 elsewhere: CI machines differ, so the
+# suite computes in fp32 everywhere (subprocesses inherit it); tests of the bf16 path ask for it themselves.
+os.environ.setdefault("LORAFLOW_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="module")

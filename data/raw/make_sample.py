@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without an installed package
     sys.path.insert(0, str(ROOT))
 
-from loraflow.corpus.facts import all_facts  # noqa: E402
+from loraflow.model.corpus.facts import all_facts  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "sample.jsonl"
 SEED = 0

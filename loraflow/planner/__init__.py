@@ -18,9 +18,9 @@ import os
 import sys
 from dataclasses import replace
 
-from loraflow import modeling
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
+from loraflow.model import loading
 from loraflow.paths import Paths
 from loraflow.planner import estimates as est
 from loraflow.planner.checks import LINT_IDS, last_tracked_lora, lints
@@ -132,7 +132,7 @@ def _checkpoint_bytes(config) -> int:
 
 
 def _weight_bytes(cfg: Config, device: Device) -> int:
-    """2 (16-bit) or 4 (fp32): what the train stage computes in on this device (``modeling.compute_dtype``)."""
+    """2 (16-bit) or 4 (fp32): what the train stage computes in on this device (``loading.compute_dtype``)."""
     return est.compute_bytes(cfg.quantization.compute_dtype, device.bf16)
 
 
@@ -152,7 +152,7 @@ def detect_device(gpu_memory: float | None = None) -> Device:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     # bf16: the train stage's own probe, so ``compute_dtype: auto`` is planned as it will be picked
     return Device(f"CPU ({cores} cores)", "cpu", round(ram, 2), est.CPU_TFLOPS_PER_CORE * cores, 1.0, "system RAM",
-                  bf16=modeling.cpu_has_native_bf16())
+                  bf16=loading.cpu_has_native_bf16())
 
 
 def _cuda() -> tuple[str, float] | None:

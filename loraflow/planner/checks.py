@@ -111,7 +111,7 @@ def last_tracked_lora(cfg: Config, paths: Paths, exclude_run_id: str | None = No
     Never creates a store: a local sqlite or file store that does not exist means no history.
     Any tracking error (a server down, an old schema) also means no history: a lint is advice.
     """
-    from loraflow.tracking import tracking_uri
+    from loraflow.track.tracking import tracking_uri
 
     uri = tracking_uri(paths)
     local = _local_store(uri)
@@ -119,7 +119,7 @@ def last_tracked_lora(cfg: Config, paths: Paths, exclude_run_id: str | None = No
         return None
     try:
         with _no_retries():
-            from loraflow import tracking
+            from loraflow.track import tracking
 
             cl = tracking.client(paths)
             exp = cl.get_experiment_by_name(cfg.register.model_name)

@@ -40,7 +40,7 @@ def _train_records(cfg: Config, paths: Paths) -> tuple[int | None, str]:
 
 
 def _count_source(cfg: Config, paths: Paths) -> int | None:
-    from loraflow.readers import find_source
+    from loraflow.data.readers import find_source
 
     source = find_source(cfg.data.path, paths.root)
     where = Path(source.location)

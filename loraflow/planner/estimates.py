@@ -246,7 +246,7 @@ def cpu_allocator_bytes(method: str, activations: float) -> float:
 def compute_bytes(compute_dtype: str, native_bf16: bool) -> int:
     """Bytes per weight and activation element the train stage computes in.
 
-    ``auto`` is what ``loraflow.modeling.compute_dtype`` picks: bf16 where the device computes it
+    ``auto`` is what ``loraflow.model.loading.compute_dtype`` picks: bf16 where the device computes it
     natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32 (emulated bf16 is far slower there,
     TRAPS 4); an explicit dtype is taken as given.
     """

@@ -2,7 +2,7 @@
 
 The model is built from its config on PyTorch's ``meta`` device: every module and parameter
 shape exists, nothing is allocated and no weight file is read. Parameter counts come from its
-parameters; LoRA targets from ``loraflow.targets``, the same resolver the train stage runs on the
+parameters; LoRA targets from ``loraflow.model.targets``, the same resolver the train stage runs on the
 loaded model, so the planner counts exactly the modules training will adapt.
 """
 
@@ -26,7 +26,7 @@ class Linear:
     name: str
     in_features: int
     out_features: int
-    role: str  # attention | mlp | other (loraflow.targets' groups) | head
+    role: str  # attention | mlp | other (loraflow.model.targets' groups) | head
     has_bias: bool
 
     @property
@@ -67,16 +67,17 @@ def read_config(cfg: Config, paths: Paths) -> tuple["PretrainedConfig", str]:
 
     A local folder or a hub id, through ``AutoConfig.from_pretrained``. The embedded default
     ``models/base`` is never built here: when it is missing, its config comes from
-    ``loraflow.basemodel`` (``base_config()`` if it exists, else its ``ARCH`` and ``VOCAB_SIZE``).
+    ``loraflow.model.embedded`` (``base_config()`` if it exists, else its ``ARCH`` and ``VOCAB_SIZE``).
     """
     from transformers import AutoConfig
 
-    from loraflow.modeling import EMBEDDED_BASE, base_location
+    from loraflow.config import EMBEDDED_BASE
+    from loraflow.model.loading import base_location
 
     base = cfg.model.base
     local = Path(base) if Path(base).is_absolute() else paths.root / base
     if base == EMBEDDED_BASE and not (local / "config.json").exists():
-        return _embedded_config(), f"{base} (embedded, not built yet: planned from loraflow.basemodel)"
+        return _embedded_config(), f"{base} (embedded, not built yet: planned from loraflow.model.embedded)"
     where = base_location(cfg, paths)
     try:
         config = AutoConfig.from_pretrained(
@@ -92,9 +93,9 @@ def _embedded_config() -> "PretrainedConfig":
     exists, else ``LlamaConfig(vocab_size=VOCAB_SIZE, **ARCH)`` from its published constants."""
     import importlib
 
-    from loraflow.modeling import EMBEDDED_BASE
+    from loraflow.config import EMBEDDED_BASE
 
-    bm = importlib.import_module("loraflow.basemodel")
+    bm = importlib.import_module("loraflow.model.embedded")
     if hasattr(bm, "base_config"):
         return bm.base_config()
     if hasattr(bm, "ARCH") and hasattr(bm, "VOCAB_SIZE"):
@@ -133,7 +134,7 @@ def _meta_model(config: "PretrainedConfig", trust_remote_code: bool) -> Any:
 
 
 def _inspect(model: Any, config: "PretrainedConfig") -> ModelShape:
-    from loraflow.targets import linear_modules
+    from loraflow.model.targets import linear_modules
 
     modules = dict(model.named_modules())
     linears = tuple(
@@ -205,11 +206,11 @@ def _first_layer(linears: list[Linear]) -> list[Linear]:
 def resolve_targets(shape: ModelShape, spec: str | list[str]) -> tuple[list[str], list[Linear]]:
     """peft ``target_modules`` for a preset or an explicit list, and the linears they adapt.
 
-    The names come from ``loraflow.targets.resolve_targets`` on the meta model (presets:
+    The names come from ``loraflow.model.targets.resolve_targets`` on the meta model (presets:
     attention-qv, attention, mlp, all-linear; see that module); the adapted linears are those
     names matched the way peft matches them (the full name, or a ``.``-suffix of it).
     """
-    from loraflow.targets import resolve_targets as resolve
+    from loraflow.model.targets import resolve_targets as resolve
 
     targets = resolve(shape.model, spec)
     adapted = [x for x in shape.linears if any(_matches(x.name, t) for t in targets)]

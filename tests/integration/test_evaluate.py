@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow import modeling
 from loraflow.config import Config
 from loraflow.errors import ModelError
-from loraflow.generation import IGNORE_INDEX, completion_loss, encode_example, greedy_generate
+from loraflow.model import loading
+from loraflow.model.generation import IGNORE_INDEX, completion_loss, encode_example, greedy_generate
 from loraflow.paths import Paths
 
 PROMPT = "### Instruction:\n{}\n\n### Response:\n"
@@ -52,7 +52,7 @@ def plant_adapter(cfg: Config, paths: Paths, seed: int = 0, scale: float = 0.2) 
     """Save an adapter the way training does, against the base as training loads it."""
     from peft import LoraConfig, get_peft_model
 
-    model = modeling.load_model(cfg, paths, quantized=modeling.uses_4bit(cfg))
+    model = loading.load_model(cfg, paths, quantized=loading.uses_4bit(cfg))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     gen = torch.Generator().manual_seed(seed)
@@ -61,18 +61,18 @@ def plant_adapter(cfg: Config, paths: Paths, seed: int = 0, scale: float = 0.2) 
             if "lora_B" in name:  # B starts at zero (no-op adapter); make it speak
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     model.save_pretrained(paths.adapter)
-    modeling.load_tokenizer(cfg, paths).save_pretrained(paths.adapter)
+    loading.load_tokenizer(cfg, paths).save_pretrained(paths.adapter)
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_models):
-    import tasks.evaluate
+    import loraflow.tasks.evaluate
 
     cfg, paths = make_project(tmp_path_factory.mktemp("eval"), tiny_models["llama"])
     plant_adapter(cfg, paths)
     logged = {}
 
-    from loraflow.tracking import NullTracker
+    from loraflow.track.tracking import NullTracker
 
     class Recorder(NullTracker):  # every Tracker method; keeps the metrics and tables
         def log_table(self, data, artifact_file):
@@ -81,7 +81,7 @@ def evaluated(tmp_path_factory, tiny_models):
         def log_metrics(self, metrics, step=None):
             logged.update(metrics)
 
-    result = tasks.evaluate.run(cfg, paths, Recorder())
+    result = loraflow.tasks.evaluate.run(cfg, paths, Recorder())
     return cfg, paths, result, logged
 
 
@@ -132,11 +132,11 @@ def test_evaluate_logs_tuned_and_base_metrics(evaluated):
 
 
 def test_evaluate_without_adapter_says_train_first(tmp_path, tiny_llama):
-    import tasks.evaluate
+    import loraflow.tasks.evaluate
 
     cfg, paths = make_project(tmp_path, tiny_llama)
     with pytest.raises(ModelError, match="loraflow stage train"):
-        tasks.evaluate.run(cfg, paths)
+        loraflow.tasks.evaluate.run(cfg, paths)
 
 
 def test_attaching_the_adapter_leaves_no_peft_deprecation_in_the_log(tmp_path, tiny_llama):
@@ -144,11 +144,11 @@ def test_attaching_the_adapter_leaves_no_peft_deprecation_in_the_log(tmp_path, t
     merge printed that FutureWarning into every pipeline's log. Other warnings still show."""
     import warnings
 
-    from loraflow.adapters import attach_adapter
+    from loraflow.model.adapters import attach_adapter
 
     cfg, paths = make_project(tmp_path, tiny_llama, method="lora")
     plant_adapter(cfg, paths)
-    base = modeling.load_model(cfg, paths, quantized=False)
+    base = loading.load_model(cfg, paths, quantized=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = attach_adapter(base, paths)
@@ -164,7 +164,7 @@ def test_attaching_the_adapter_leaves_no_peft_deprecation_in_the_log(tmp_path, t
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory, tiny_models):
     cfg, paths = make_project(tmp_path_factory.mktemp("fp32"), tiny_models["llama"], method="lora")
-    return modeling.load_model(cfg, paths, quantized=False), modeling.load_tokenizer(cfg, paths)
+    return loading.load_model(cfg, paths, quantized=False), loading.load_tokenizer(cfg, paths)
 
 
 def test_encode_example_masks_prompt_and_supervises_eos(fp32):
@@ -228,7 +228,7 @@ def test_greedy_generate_stops_at_eos(fp32):
 def test_greedy_generate_eos_first_gives_empty_output(tmp_path, tiny_llama):
     """A model whose first greedy token is EOS: outputs are empty, never the EOS string."""
     cfg, paths = make_project(tmp_path, tiny_llama, method="lora")
-    model, tok = modeling.load_model(cfg, paths, quantized=False), modeling.load_tokenizer(cfg, paths)
+    model, tok = loading.load_model(cfg, paths, quantized=False), loading.load_tokenizer(cfg, paths)
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every logit 0 -> argmax is id 0, which is <|endoftext|>
     assert tok.eos_token_id == 0
@@ -240,7 +240,7 @@ def test_encode_example_matches_the_training_dataset(fp32, tmp_path):
     """The loss evaluate reports is over the very tokens and labels training used (TRL's dataset)."""
     from peft import LoraConfig, get_peft_model
 
-    from loraflow.training import build_trainer
+    from loraflow.train.sft import build_trainer
 
     model, tok = fp32
     cfg, paths = make_project(tmp_path, model.config._name_or_path, method="lora", data={"max_length": 24})

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import handoff, tracking
 from loraflow.atomic import write_json
 from loraflow.paths import Paths
+from loraflow.track import handoff, tracking
 
 pytestmark = pytest.mark.slow  # an MLflow sqlite store is created per test (~5-20 s on a shared box)
 

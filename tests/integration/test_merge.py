@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from loraflow import modeling
 from loraflow.errors import LoraflowError, ModelError
+from loraflow.model import loading, quant
 from tests.integration.test_evaluate import ROWS, make_project, plant_adapter
 
 EXACT = 1e-4  # fp32 merge vs unmerged: ~3e-7 measured here
@@ -29,13 +29,13 @@ def _probe_logits(model, tok) -> torch.Tensor:
 
 def _trained_logits(cfg, paths) -> torch.Tensor:
     """What training and evaluate computed: the base as trained + the adapter."""
-    from loraflow.adapters import load_adapter_tokenizer, load_tuned
+    from loraflow.model.adapters import load_adapter_tokenizer, load_tuned
 
     return _probe_logits(load_tuned(cfg, paths), load_adapter_tokenizer(cfg, paths))
 
 
 def _run_merge(cfg, paths):
-    import tasks.merge
+    import loraflow.tasks.merge
 
     logged = {}
 
@@ -45,14 +45,14 @@ def _run_merge(cfg, paths):
         def log_metrics(self, metrics, step=None):
             logged.update(metrics)
 
-    return tasks.merge.run(cfg, paths, Recorder()), logged
+    return loraflow.tasks.merge.run(cfg, paths, Recorder()), logged
 
 
 @pytest.fixture(scope="module")
 def qlora(tmp_path_factory, tiny_models):
     """A QLoRA project with a planted adapter and an evaluate report holding the tuned loss."""
-    from loraflow.generation import completion_loss
-    from loraflow.adapters import load_adapter_tokenizer, load_tuned
+    from loraflow.model.adapters import load_adapter_tokenizer, load_tuned
+    from loraflow.model.generation import completion_loss
 
     cfg, paths = make_project(tmp_path_factory.mktemp("qlora"), tiny_models["llama"])
     plant_adapter(cfg, paths)
@@ -88,7 +88,7 @@ def test_dequantized_merge_saved_model(dequantized):
     """Reloaded from disk: plain fp32, no LoRA, no quantization_config, = trained model, != base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.merge import lora_modules
+    from loraflow.tasks.merge import lora_modules
 
     cfg, paths, trained, _, _ = dequantized
     config = json.loads((paths.merged / "config.json").read_text())
@@ -98,21 +98,21 @@ def test_dequantized_merge_saved_model(dequantized):
     assert not list(paths.merged.parent.glob(".merged.tmp-*"))
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(paths.merged)
-    assert not lora_modules(merged) and modeling.count_4bit_layers(merged) == 0
+    assert not lora_modules(merged) and quant.count_4bit_layers(merged) == 0
     logits = _probe_logits(merged, tok)
     assert (logits - trained).abs().max() < EXACT
-    base = modeling.load_model(cfg, paths, quantized=False)
+    base = loading.load_model(cfg, paths, quantized=False)
     assert (logits - _probe_logits(base, tok)).abs().max() > 1e-2
 
 
 def test_dequantize_into_matches_transformers_dequantize(qlora):
     """Our per-layer dequantization is bit-identical to transformers' model.dequantize() in fp32."""
-    from tasks.merge import dequantize_into
+    from loraflow.model.quant import dequantize_into
 
     cfg, paths, _ = qlora
-    ours = modeling.load_model(cfg, paths, quantized=False)
-    n = dequantize_into(ours, modeling.load_model(cfg, paths, quantized=True))
-    theirs = modeling.load_model(cfg, paths, quantized=True).dequantize(dtype=torch.float32)
+    ours = loading.load_model(cfg, paths, quantized=False)
+    n = dequantize_into(ours, loading.load_model(cfg, paths, quantized=True))
+    theirs = loading.load_model(cfg, paths, quantized=True).dequantize(dtype=torch.float32)
     assert n == 14  # 2 layers x (q, k, v, o, gate, up, down)
     expected = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
@@ -132,7 +132,7 @@ def test_original_base_differs_by_quantization_error(qlora, dequantized, tmp_pat
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(paths_o.merged, use_safetensors=True)
-    tok = modeling.load_tokenizer(cfg_o, paths_o)
+    tok = loading.load_tokenizer(cfg_o, paths_o)
     assert (_probe_logits(merged, tok) - trained).abs().max() > 1e-3
 
 
@@ -140,13 +140,14 @@ def test_eval_forward_on_4bit_model_before_merge_is_harmless(qlora):
     """TRAPS.md 1: an eval-mode, no-grad forward (and generation) on the 4-bit model, then merge."""
     import bitsandbytes as bnb
 
-    from loraflow.generation import greedy_generate
-    from loraflow.adapters import attach_adapter, load_adapter_tokenizer
-    from tasks.merge import dequantize_into, lora_modules
+    from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer
+    from loraflow.model.generation import greedy_generate
+    from loraflow.model.quant import dequantize_into
+    from loraflow.tasks.merge import lora_modules
 
     cfg, paths, trained = qlora
     tok = load_adapter_tokenizer(cfg, paths)
-    quantized = modeling.load_model(cfg, paths, quantized=True)
+    quantized = loading.load_model(cfg, paths, quantized=True)
     with_adapter = attach_adapter(quantized, paths)
     before = _probe_logits(with_adapter, tok)  # eval() + no_grad: the repack trigger
     greedy_generate(with_adapter, tok, [ROWS[0]["prompt"]], max_new_tokens=3, batch_size=1)
@@ -155,7 +156,7 @@ def test_eval_forward_on_4bit_model_before_merge_is_harmless(qlora):
         if isinstance(m, bnb.nn.Linear4bit):
             assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
 
-    fp32 = modeling.load_model(cfg, paths, quantized=False)
+    fp32 = loading.load_model(cfg, paths, quantized=False)
     # dequantize from the model that ran the forwards (the LoRA wrappers hold the same Linear4bit)
     assert dequantize_into(fp32, with_adapter.get_base_model()) == 14
     merged = attach_adapter(fp32, paths).merge_and_unload()
@@ -168,10 +169,10 @@ def test_repacked_4bit_weights_are_refused(qlora):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from tasks.merge import dequantize_into
+    from loraflow.model.quant import dequantize_into
 
     cfg, paths, _ = qlora
-    quantized = modeling.load_model(cfg, paths, quantized=True)
+    quantized = loading.load_model(cfg, paths, quantized=True)
     layer = quantized.model.layers[0].self_attn.q_proj
     if F.has_avx512bf16():  # the real trigger: an eval-mode no-grad forward with the repack enabled
         layer.support_avx512bf16_for_cpu = True
@@ -183,7 +184,7 @@ def test_repacked_4bit_weights_are_refused(qlora):
     assert layer.weight.quant_state.packing_format_for_cpu
     assert isinstance(layer, bnb.nn.Linear4bit)
     with pytest.raises(ModelError, match="TRAPS.md 1"):
-        dequantize_into(modeling.load_model(cfg, paths, quantized=False), quantized)
+        dequantize_into(loading.load_model(cfg, paths, quantized=False), quantized)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_lora_merge(lora):
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, use_safetensors=True)
-    tok = modeling.load_tokenizer(cfg, paths)
+    tok = loading.load_tokenizer(cfg, paths)
     assert (_probe_logits(merged, tok) - trained).abs().max() < EXACT
     assert "quantization_config" not in json.loads((paths.merged / "config.json").read_text())
 
@@ -222,8 +223,8 @@ def test_merge_that_drops_the_adapter_fails_and_saves_nothing(lora, tmp_path, mo
 
 
 def test_merge_without_adapter_says_train_first(tmp_path, tiny_llama):
-    import tasks.merge
+    import loraflow.tasks.merge
 
     cfg, paths = make_project(tmp_path, tiny_llama)
     with pytest.raises(ModelError, match="loraflow stage train"):
-        tasks.merge.run(cfg, paths)
+        loraflow.tasks.merge.run(cfg, paths)

@@ -11,10 +11,11 @@ from transformers import AttentionInterface, set_seed
 from transformers.masking_utils import AttentionMaskInterface
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from loraflow import modeling, packing, training
 from loraflow.config import Config
 from loraflow.errors import ConfigError
-from loraflow.targets import resolve_targets
+from loraflow.model import loading
+from loraflow.model.targets import resolve_targets
+from loraflow.train import lora, packing, sft
 from tests.integration.test_train import project
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -45,15 +46,15 @@ def rows(n=16):
 
 def trainer_for(cfg, paths, train_rows):
     set_seed(0)
-    tok = modeling.load_tokenizer(cfg, paths)
-    model = modeling.load_model(cfg, paths, quantized=True)
-    model = training.attach_lora(model, cfg, resolve_targets(model, cfg.lora.target_modules), quantized=True)
+    tok = loading.load_tokenizer(cfg, paths)
+    model = loading.load_model(cfg, paths, quantized=True)
+    model = lora.attach_lora(model, cfg, resolve_targets(model, cfg.lora.target_modules), quantized=True)
     # A trained adapter, not the identity LoRA starts as: the comparison must cover the adapter's path too.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    return training.build_trainer(cfg, paths, model, tok, train_rows)
+    return sft.build_trainer(cfg, paths, model, tok, train_rows)
 
 
 def test_packed_and_padded_batches_give_the_same_per_token_loss_and_gradients(tiny_llama, tmp_path):
@@ -110,8 +111,8 @@ def _leaky(module, query, key, value, attention_mask, **kwargs):
 def test_the_check_catches_attention_that_crosses_examples(tiny_llama, tmp_path):
     cfg = cfg_for(tiny_llama)
     paths = project(tmp_path)
-    tok = modeling.load_tokenizer(cfg, paths)
-    model = modeling.load_model(cfg, paths, quantized=True)
+    tok = loading.load_tokenizer(cfg, paths)
+    model = loading.load_model(cfg, paths, quantized=True)
     examples = [{"input_ids": ids, "labels": ids} for ids in tok([p + c for p, c in ROWS])["input_ids"]]
 
     packing.enable(model)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import registry, tracking
 from loraflow.config import load_config
 from loraflow.paths import Paths
+from loraflow.track import registry, tracking
 from tests.tiny import alpaca_records
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def prefect_server():
 
 
 def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_server, monkeypatch):
-    from flows.finetune import finetune
+    from loraflow.flows.finetune import finetune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, overrides = _project(tmp_path, tiny_llama)
@@ -81,11 +81,11 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
     assert len(cl.get_metric_history(run.info.run_id, "train_loss")) >= 3
 
     # data/prepared/ rewritten outside the flow (other split params): the cached prepare is not trusted.
-    import tasks.prepare
-    from loraflow.digest import dataset_digest
+    import loraflow.tasks.prepare
+    from loraflow.fingerprint import dataset_digest
 
     digest = out["prepare"]["dataset_digest"]
-    tasks.prepare.run(load_config(None, overrides + ["data.val_fraction=0.3"]), paths)
+    loraflow.tasks.prepare.run(load_config(None, overrides + ["data.val_fraction=0.3"]), paths)
     assert dataset_digest(paths.prepared) != digest
 
     # Plain LoRA, a better loss target is not required: the gate decides on loss.

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import registry, tracking
 from loraflow.atomic import write_json
 from loraflow.config import load_config
 from loraflow.paths import Paths
+from loraflow.track import registry, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,12 @@ def project(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # The code digest hashes loraflow/ and tasks/, which may change while the suite runs in a
     # shared checkout; "same code" is what this test means, so hold it still.
-    monkeypatch.setattr("loraflow.lineage.code_digest", lambda: "code-digest-under-test")
+    monkeypatch.setattr("loraflow.fingerprint.code_digest", lambda: "code-digest-under-test")
     return Paths.at(tmp_path)
 
 
 def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(project, tiny_llama, monkeypatch):
-    import tasks.register
+    import loraflow.tasks.register
 
     paths = project
     cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=demo"])
@@ -52,7 +52,7 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
         warnings.simplefilter("always")
         m.setattr(transformers.PreTrainedModel, "from_pretrained",
                   classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
-        first = tasks.register.run(cfg, paths)
+        first = loraflow.tasks.register.run(cfg, paths)
     assert loads == []
     # MLflow's advice to add an input example or type hints (both left out on purpose) stays out of the log.
     advice = [str(w.message) for w in caught if any(t in str(w.message) for t in ("input example", "type hints"))]
@@ -61,13 +61,13 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     assert set(first.aliases) == {"challenger", "champion"}
 
     # Same data, params and code again: nothing new is registered.
-    again = tasks.register.run(cfg, paths)
+    again = loraflow.tasks.register.run(cfg, paths)
     assert again.decision == "already-registered" and again.version == "1"
 
     # A worse run (different knobs) gets challenger but not champion.
     worse_cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=demo", "lora.r=4"])
     _stage_outputs(paths, tiny_llama, exact_match=0.25)
-    worse = tasks.register.run(worse_cfg, paths)
+    worse = loraflow.tasks.register.run(worse_cfg, paths)
     cl = tracking.client(paths)
     assert worse.version == "2" and worse.decision == "kept"
     assert registry.alias_version(cl, "demo", "champion") == "1"
@@ -80,7 +80,7 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     # A better one takes champion; rollback returns it to v1.
     better_cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=demo", "lora.r=8"])
     _stage_outputs(paths, tiny_llama, exact_match=0.75)
-    better = tasks.register.run(better_cfg, paths)
+    better = loraflow.tasks.register.run(better_cfg, paths)
     assert better.decision == "promoted"
     assert registry.alias_version(cl, "demo", "champion") == "3"
     report = json.loads(paths.report("register").read_text())
@@ -95,8 +95,9 @@ def test_register_gate_moves_champion_only_for_a_better_version_and_rollback(pro
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
     # The champion loads with MLflow's own API and generates what the merged folder generates.
-    import mlflow
     import pandas as pd
+
+    import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(paths))  # restored after the test
     model = mlflow.pyfunc.load_model("models:/demo@champion")
@@ -127,12 +128,12 @@ def _adapter(tmp_path, base_dir):
 
 
 def _reference_generate(base_dir, adapter_dir, instructions, inputs=None):
-    """What the evaluate stage generates: prompts rendered by loraflow.formats, greedy_generate."""
+    """What the evaluate stage generates: prompts rendered by loraflow.data.formats, greedy_generate."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.formats import render_prompt
-    from loraflow.generation import greedy_generate
+    from loraflow.data.formats import render_prompt
+    from loraflow.model.generation import greedy_generate
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     if adapter_dir is not None:
@@ -145,12 +146,12 @@ def _reference_generate(base_dir, adapter_dir, instructions, inputs=None):
 
 def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_path, tiny_llama, monkeypatch):
     """register.log=adapter: adapter + base reference (sha256 of a local base), not a base copy."""
-    import mlflow
     import pandas as pd
     from safetensors.torch import load_file, save_file
 
-    import tasks.register
-    from loraflow.pyfunc_model import weights_sha256
+    import mlflow
+    import loraflow.tasks.register
+    from loraflow.track.pyfunc_model import weights_sha256
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     paths = Paths.at(tmp_path)
@@ -159,7 +160,7 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
     adapter = _adapter(tmp_path, base)
     cfg = load_config(None, [f"model.base={base}", "register.model_name=ad", "register.log=adapter", "method=lora"])
     _stage_outputs(paths, tiny_llama, exact_match=0.5)
-    result = tasks.register.run(cfg, paths)
+    result = loraflow.tasks.register.run(cfg, paths)
     assert result.decision == "promoted"
 
     cl = tracking.client(paths)
@@ -180,13 +181,13 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
     out = model.predict(pd.DataFrame({"prompt": instructions, "input": inputs}))
     assert out == _reference_generate(base, adapter, instructions, inputs)
     assert out != _reference_generate(base, None, instructions, inputs)  # the adapter is applied
-    # The same bytes as training: rendering through the registered model == loraflow.formats.
-    from loraflow.formats import render_prompt
+    # The same bytes as training: rendering through the registered model == loraflow.data.formats.
+    from loraflow.data.formats import render_prompt
 
     py = model.unwrap_python_model()
     assert py.render({"prompt": "Name it.", "input": "x"}) == render_prompt(
         {"instruction": "Name it.", "input": "x"}, "alpaca", {})
-    assert py.render({"prompt": "Name it."}) == tasks.register.ALPACA_INFERENCE_TEMPLATE.format(prompt="Name it.")
+    assert py.render({"prompt": "Name it."}) == loraflow.tasks.register.ALPACA_INFERENCE_TEMPLATE.format(prompt="Name it.")
 
     # Other weights under the same base path are refused on load, naming both digests.
     weights = base / "model.safetensors"
@@ -202,14 +203,14 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
 
 
 def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama, tmp_path, monkeypatch, capsys):
-    import tasks.register
+    import loraflow.tasks.register
     from loraflow import cli
 
     cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl"])
     _stage_outputs(project, tiny_llama, exact_match=0.5)
-    tasks.register.run(cfg, project)
+    loraflow.tasks.register.run(cfg, project)
     _stage_outputs(project, tiny_llama, exact_match=0.25)
-    tasks.register.run(load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl", "lora.r=4"]), project)
+    loraflow.tasks.register.run(load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl", "lora.r=4"]), project)
     (project.root / "params.yaml").write_text("register:\n  model_name: cl\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 
-from loraflow import tracking
 from loraflow.paths import Paths
+from loraflow.track import tracking
 
 
 def _counting(tracker: tracking.MlflowTracker) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import tasks.train
+import loraflow.tasks.train
 from loraflow.config import Config
 from loraflow.errors import TrainingError
 from loraflow.paths import Paths
@@ -90,7 +90,7 @@ def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
     paths.reports.mkdir(parents=True, exist_ok=True)
     paths.report("prepare").write_text(json.dumps({"dataset_digest": "abc123"}))
     tracker = Recorder()
-    result = tasks.train.run(config(tiny_llama), paths, tracker)
+    result = loraflow.tasks.train.run(config(tiny_llama), paths, tracker)
 
     log = read_log(paths)
     first, final = float(log[0]["loss"]), result.train_loss
@@ -118,7 +118,7 @@ def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
     assert report["method"] == "qlora" and report["lora_r"] == 8 and report["lora_alpha"] == 16
     assert report["eval_loss"] == pytest.approx(result.eval_loss) and report["tokens_per_second"] > 0
 
-    # how much of r the trained adapter uses: singular values of each B·A (loraflow.rankcheck)
+    # how much of r the trained adapter uses: singular values of each B·A (loraflow.train.rankcheck)
     rank = report["adapter"]
     assert rank["r"] == 8 and rank["modules_count"] == 14 and len(rank["modules"]) == 14
     assert 1 <= rank["effective_rank_min"] <= rank["effective_rank_mean"] <= rank["effective_rank_max"] <= 8
@@ -147,7 +147,7 @@ def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_lora_full_precision_learns_without_4bit_layers(tiny_llama, tmp_path):
     paths = project(tmp_path, n_val=0)
-    result = tasks.train.run(config(tiny_llama, "lora", max_steps=30), paths)
+    result = loraflow.tasks.train.run(config(tiny_llama, "lora", max_steps=30), paths)
     log = read_log(paths)
     assert result.method == "lora" and result.quantized_layers == 0
     assert result.train_loss < float(log[0]["loss"]) - 0.6
@@ -161,7 +161,7 @@ def test_saturated_flat_adapter_gets_a_rank_suggestion(tiny_llama, tmp_path):
     paths = project(tmp_path, n_val=0)
     cfg = config(tiny_llama, "lora", max_steps=10, learning_rate=1e-6, logging_steps=1)
     cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 1, "alpha": 2, "target_modules": "attention-qv"})})
-    tasks.train.run(cfg, paths)
+    loraflow.tasks.train.run(cfg, paths)
     rank = json.loads(paths.report("train").read_text())["adapter"]
     assert rank["effective_rank_mean"] == 1 and rank["rank_utilisation"] == 1.0 and rank["modules_count"] == 4
     assert rank["plateau"]["plateaued"] and abs(rank["plateau"]["improvement"]) < 0.02
@@ -172,12 +172,13 @@ def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dic
     """LoRA gradients of one batch on a freshly loaded 4-bit model, as the train stage builds it."""
     from transformers import set_seed
 
-    from loraflow import modeling, training
-    from loraflow.targets import resolve_targets
+    from loraflow.model import loading
+    from loraflow.model.targets import resolve_targets
+    from loraflow.train import lora
 
     set_seed(0)
-    model = modeling.load_model(cfg, paths, quantized=True)
-    model = training.attach_lora(model, cfg, resolve_targets(model, "all-linear"), quantized=True)
+    model = loading.load_model(cfg, paths, quantized=True)
+    model = lora.attach_lora(model, cfg, resolve_targets(model, "all-linear"), quantized=True)
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave every A gradient zero
@@ -200,11 +201,11 @@ def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dic
 @pytest.mark.slow
 def test_eval_forward_before_training_leaves_4bit_gradients_intact(tiny_llama, tmp_path):
     """TRAPS 1: an eval-mode no-grad forward on the 4-bit model must not change what backward computes."""
-    from loraflow import modeling
+    from loraflow.model import loading, quant
 
     cfg = config(tiny_llama)
     paths = Paths.at(tmp_path)
-    tok = modeling.load_tokenizer(cfg, paths)
+    tok = loading.load_tokenizer(cfg, paths)
     enc = tok(["### Instruction:\nWhat is hot?\n\n### Response:\ncold", "Is 37 odd?\nodd"], padding=True,
               return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -217,8 +218,8 @@ def test_eval_forward_before_training_leaves_4bit_gradients_intact(tiny_llama, t
         assert grad.norm() > 0, name
         assert torch.allclose(grad, after_eval[name], rtol=1e-5, atol=1e-8), name
 
-    lora_base = modeling.load_model(cfg, paths, quantized=False)
-    assert modeling.count_4bit_layers(lora_base) == 0
+    lora_base = loading.load_model(cfg, paths, quantized=False)
+    assert quant.count_4bit_layers(lora_base) == 0
 
 
 class PlantNaN(TrainerCallback):
@@ -237,7 +238,7 @@ class PlantNaN(TrainerCallback):
 def test_nan_loss_stops_training_and_writes_no_adapter(tiny_llama, tmp_path):
     paths = project(tmp_path)
     with pytest.raises(TrainingError, match=r"train: loss is nan at step 4; lower train.learning_rate"):
-        tasks.train.run(config(tiny_llama, max_steps=10, save_steps=3), paths, callbacks=[PlantNaN(3)])
+        loraflow.tasks.train.run(config(tiny_llama, max_steps=10, save_steps=3), paths, callbacks=[PlantNaN(3)])
     assert not paths.adapter.exists() and not paths.report("train").exists()
     # the checkpoint at step 3 was taken before the NaN; nothing non-finite was checkpointed
     assert sorted(p.name for p in paths.checkpoints.glob("checkpoint-*")) == ["checkpoint-3"]
@@ -257,13 +258,13 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
     paths = project(tmp_path, n_val=0)
     cfg = config(tiny_llama, max_steps=8, save_steps=3, logging_steps=1)
     with pytest.raises(KeyboardInterrupt):
-        tasks.train.run(cfg, paths, callbacks=[Crash(5)])
+        loraflow.tasks.train.run(cfg, paths, callbacks=[Crash(5)])
     assert not paths.adapter.exists()
 
     # same setup: continues from step 3, not from 0; the log's earlier rows come from the checkpoint
     # (dvc repro deletes a stage's outputs, train_log.csv too, before it runs the stage again)
     paths.train_log.unlink()
-    result = tasks.train.run(cfg, paths)
+    result = loraflow.tasks.train.run(cfg, paths)
     assert result.resumed_from == "outputs/checkpoints/checkpoint-3" and result.steps == 8
     assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
     assert paths.adapter.exists()
@@ -275,42 +276,43 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
 
     weights = load_file(paths.adapter / "adapter_model.safetensors")
     paths.train_log.unlink()
-    result = tasks.train.run(cfg, paths)
+    result = loraflow.tasks.train.run(cfg, paths)
     assert result.steps == 8 and result.train_loss == loss_after_8 and result.tokens == tokens_after_8
     assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 9))
     again = load_file(paths.adapter / "adapter_model.safetensors")
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
     # more steps: the global step continues from the end of the last run
-    result = tasks.train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})}), paths)
+    result = loraflow.tasks.train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})}), paths)
     assert result.resumed_from == "outputs/checkpoints/checkpoint-8" and result.steps == 10
     assert [int(r["step"]) for r in read_log(paths)] == list(range(1, 11))
     assert result.tokens > tokens_after_8
 
     # another setup (a different rank): the old checkpoints are not resumed
     other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 4})})
-    result = tasks.train.run(other, paths)
+    result = loraflow.tasks.train.run(other, paths)
     assert result.resumed_from is None and result.steps == 8
 
 
 @pytest.mark.slow
 def test_auto_method_is_resolved_and_recorded_with_the_adapter(tiny_llama, tmp_path):
-    from loraflow import modeling
+    from loraflow import planner
+    from loraflow.model import loading
 
     paths = project(tmp_path, n_val=0)
     cfg = config(tiny_llama, "auto", max_steps=2)
-    result = tasks.train.run(cfg, paths)
-    want, _ = modeling.resolve_method(cfg, paths)
+    result = loraflow.tasks.train.run(cfg, paths)
+    want, _ = planner.resolve_method(cfg, paths)
     assert result.method == want and want in ("lora", "qlora")
     assert (result.quantized_layers > 0) == (want == "qlora")
-    meta = modeling.adapter_meta(paths)
+    meta = loading.adapter_meta(paths)
     assert meta["method"] == want and meta["target_modules"] == sorted(meta["target_modules"])
     # evaluate and merge load the base the way training did
-    assert modeling.uses_4bit(cfg, paths) == (want == "qlora")
+    assert loading.uses_4bit(cfg, paths) == (want == "qlora")
 
 
 def test_final_loss_covers_a_whole_logging_window():
-    from loraflow.training import final_loss
+    from loraflow.train.callbacks import final_loss
 
     history = [{"step": 1, "loss": 9.0}, {"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.0}, {"step": 11, "loss": 6.0},
                {"step": 11, "eval_loss": 1.0}]

@@ -62,8 +62,8 @@ def test_a_bad_record_stops_with_its_line_or_is_skipped_and_counted(case, tiny_l
 def test_prompt_longer_than_max_length_is_never_trained_with_zero_supervised_tokens(tiny_llama, tmp_path):
     """Skipped and counted at prepare; what is kept has at least one answer token inside max_length."""
     from loraflow.config import load_config
-    from loraflow.modeling import load_tokenizer
-    from loraflow.prepared import load_split
+    from loraflow.data.splits import load_split
+    from loraflow.model.loading import load_tokenizer
 
     long_prompts = [{"instruction": f"{i} " + "hot cold " * (25 + i), "output": "x"} for i in range(5)]
     write_raw(tmp_path, [alpaca(i) for i in range(30)] + long_prompts)
@@ -81,7 +81,7 @@ def test_prompt_longer_than_max_length_is_never_trained_with_zero_supervised_tok
 
 
 def test_duplicates_are_removed_before_splitting_so_no_record_is_in_two_splits(tiny_llama, tmp_path):
-    from loraflow.prepared import load_split
+    from loraflow.data.splits import load_split
 
     records = [alpaca(i) for i in range(200)]
     dups = records[::3] + [dict(r, input="") for r in records[::5]] + [{**records[7], "extra": "x"}]

@@ -55,14 +55,14 @@ def curve(paths: Paths) -> dict[int, tuple[float, float]]:
 
 @pytest.mark.slow
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tiny_llama, tmp_path):
-    import tasks.train
+    import loraflow.tasks.train
 
     # the uninterrupted run, in-process (the same stage function the CLI calls)
     ref_root = tmp_path / "ref"
     write_prepared(ref_root)
     ref_cfg = load_config(write_params(ref_root, tiny_llama, train=TRAIN, lora=LORA))
     ref_paths = Paths.at(ref_root)
-    ref = tasks.train.run(ref_cfg, ref_paths)
+    ref = loraflow.tasks.train.run(ref_cfg, ref_paths)
     assert ref.steps == STEPS
 
     root = tmp_path / "crash"
@@ -118,11 +118,11 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tiny_llama, tm
 
 def _checkpointed(root, tiny_llama, **sections):
     """A finished 3-step run whose last checkpoint is kept (what a re-run would find)."""
-    import tasks.train
+    import loraflow.tasks.train
 
     write_prepared(root)
     cfg = load_config(write_params(root, tiny_llama, train={"max_steps": 3, "save_steps": 3}, **sections))
-    tasks.train.run(cfg, Paths.at(root))
+    loraflow.tasks.train.run(cfg, Paths.at(root))
     return cfg
 
 
@@ -134,9 +134,9 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     start over); `train.resume: restart` starts at step 0. A finished run's kept checkpoint: removed, and
     training starts at step 0 with a note naming what changed (so `dvc exp run -S lora.r=...` after a
     finished run just trains)."""
-    from loraflow import training
-    from loraflow.digest import file_md5
     from loraflow.errors import TrainingError
+    from loraflow.fingerprint import file_md5
+    from loraflow.train import checkpoints
 
     # one trained project per session, copied per case (training it is the slow part)
     root0 = tmp_path_factory.getbasetemp() / "resume-base"
@@ -146,10 +146,10 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     shutil.copytree(root0, root, dirs_exist_ok=True)
     paths = Paths.at(root)
     cfg = load_config(root / "params.yaml")
-    targets = json.loads((paths.checkpoints / training.FINGERPRINT_FILE).read_text())["lora.target_modules"]
+    targets = json.loads((paths.checkpoints / checkpoints.FINGERPRINT_FILE).read_text())["lora.target_modules"]
     digest = file_md5(paths.split("train"))
 
-    same = training.plan_resume(paths, training.fingerprint(cfg, targets, "qlora", digest), 5)
+    same = checkpoints.plan_resume(paths, checkpoints.fingerprint(cfg, targets, "qlora", digest), 5)
     assert same.checkpoint and same.step == 3  # the unchanged setup resumes
 
     section, _, key = change.partition(".")
@@ -163,28 +163,28 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
         cfg = cfg.model_copy(update={section: sec})
         if key == "target_modules":
             targets = ["q_proj", "v_proj"]
-    new = training.fingerprint(cfg, targets, "qlora", digest)
+    new = checkpoints.fingerprint(cfg, targets, "qlora", digest)
     named = {"data": "data.train_md5", "quantization.double_quant": "quantization",
              "quantization.quant_type": "quantization"}.get(change, change)
-    fp_file = paths.checkpoints / training.FINGERPRINT_FILE
-    assert json.loads(fp_file.read_text())[training.FINISHED] is False  # the plan_resume above started a run
+    fp_file = paths.checkpoints / checkpoints.FINGERPRINT_FILE
+    assert json.loads(fp_file.read_text())[checkpoints.FINISHED] is False  # the plan_resume above started a run
 
     # interrupted (no mark_finished after it): refused, nothing removed
     with pytest.raises(TrainingError) as e:
-        training.plan_resume(paths, new, 5)
+        checkpoints.plan_resume(paths, new, 5)
     want = {"lora.r": "lora.r 8 -> 4", "lora.target_modules": "lora.target_modules changed"}.get(change,
                                                                                                 f"{named} changed")
     assert (f"train: outputs/checkpoints/checkpoint-3 is from an interrupted run of another setup ({want}); "
             "resuming it would mix two setups. To start over at step 0 add -s train.resume=restart") in str(e.value)
     assert (paths.checkpoints / "checkpoint-3").is_dir()
-    assert training.plan_resume(paths, new, 5, restart=True).step == 0  # train.resume: restart
+    assert checkpoints.plan_resume(paths, new, 5, restart=True).step == 0  # train.resume: restart
     assert not list(paths.checkpoints.glob("checkpoint-*"))
 
-    # finished (what tasks.train leaves): the kept checkpoint is removed and training starts at 0
+    # finished (what loraflow.tasks.train leaves): the kept checkpoint is removed and training starts at 0
     shutil.rmtree(paths.checkpoints)
     shutil.copytree(root0 / "outputs" / "checkpoints", paths.checkpoints)
-    assert json.loads(fp_file.read_text())[training.FINISHED] is True
-    resume = training.plan_resume(paths, new, 5)
+    assert json.loads(fp_file.read_text())[checkpoints.FINISHED] is True
+    resume = checkpoints.plan_resume(paths, new, 5)
     assert resume.checkpoint is None and resume.step == 0
     assert f"is from another setup ({named} changed); starting at step 0" in resume.note
     assert not list(paths.checkpoints.glob("checkpoint-*"))  # removed: never mixed into the new run

@@ -190,8 +190,8 @@ def test_a_hub_base_is_keyed_by_its_cached_commit(tmp_path, monkeypatch):
     a 40-hex revision is that commit; not yet downloaded: no commit (the first load fetches it)."""
     import huggingface_hub.constants
 
-    from loraflow.basedigest import fingerprint
     from loraflow.config import load_config
+    from loraflow.fingerprint import base_fingerprint as fingerprint
     from loraflow.paths import Paths
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

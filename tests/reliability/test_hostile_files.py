@@ -30,7 +30,7 @@ def pickle_only_base(tiny: Path, dest: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_base_with_only_pickle_weights_is_refused_unless_allowed(tiny_llama, tmp_path):
-    from loraflow import modeling
+    from loraflow.model import loading
 
     base = pickle_only_base(tiny_llama, tmp_path / "pickled")
     write_prepared(tmp_path / "p")
@@ -46,20 +46,20 @@ def test_a_base_with_only_pickle_weights_is_refused_unless_allowed(tiny_llama, t
     # allowed on purpose: the same weights as the safetensors original
     paths = Paths.at(tmp_path / "p")
     allowed = load_config(None, [f"model.base={base}", "model.allow_pickle=true"])
-    model = modeling.load_model(allowed, paths, quantized=False)
-    reference = modeling.load_model(load_config(None, [f"model.base={tiny_llama}"]), paths, quantized=False)
+    model = loading.load_model(allowed, paths, quantized=False)
+    reference = loading.load_model(load_config(None, [f"model.base={tiny_llama}"]), paths, quantized=False)
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     # safetensors next to a pickle: the safetensors are used, nothing is refused
     shutil.copy(tiny_llama / "model.safetensors", base / "model.safetensors")
-    modeling.load_model(load_config(None, [f"model.base={base}"]), paths, quantized=False)
+    loading.load_model(load_config(None, [f"model.base={base}"]), paths, quantized=False)
 
 
 def test_an_adapter_with_only_a_pickle_is_refused_unless_allowed(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loraflow.adapters import load_tuned
+    from loraflow.model.adapters import load_tuned
 
     root = tmp_path / "p"
     write_prepared(root, n_train=8, n_test=4)
@@ -103,7 +103,7 @@ def remote_code_base(tiny: Path, dest: Path, marker: Path) -> Path:
 
 @pytest.mark.slow
 def test_code_shipped_with_a_model_never_runs_without_trust_remote_code(tiny_llama, tmp_path):
-    from loraflow import modeling
+    from loraflow.model import loading
 
     marker = tmp_path / "EXECUTED"
     base = remote_code_base(tiny_llama, tmp_path / "custom", marker)
@@ -120,12 +120,12 @@ def test_code_shipped_with_a_model_never_runs_without_trust_remote_code(tiny_lla
 
     # the control: with trust_remote_code the same folder does run its code (so the test above means something)
     trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
-    model = modeling.load_model(trusted, Paths.at(root), quantized=False)
+    model = loading.load_model(trusted, Paths.at(root), quantized=False)
     assert marker.exists() and type(model).__name__ == "EvilForCausalLM"
 
 
 def test_a_tokenizer_that_ships_code_never_runs_it_without_trust_remote_code(tiny_llama, tmp_path):
-    from loraflow import modeling
+    from loraflow.model import loading
     from tests.reliability.conftest import alpaca, write_raw
 
     marker = tmp_path / "EXECUTED"
@@ -149,7 +149,7 @@ def test_a_tokenizer_that_ships_code_never_runs_it_without_trust_remote_code(tin
     assert not marker.exists() and not Paths.at(root).prepared.exists()
 
     trusted = load_config(None, [f"model.base={base}", "model.trust_remote_code=true"])
-    assert type(modeling.load_tokenizer(trusted, Paths.at(root))).__name__ == "EvilTokenizer" and marker.exists()
+    assert type(loading.load_tokenizer(trusted, Paths.at(root))).__name__ == "EvilTokenizer" and marker.exists()
 
 
 def test_a_params_file_with_a_python_tag_is_refused_without_running_it(tmp_path):
@@ -170,7 +170,7 @@ def test_secret_values_travel_as_environment_references_and_an_unset_one_is_one_
     a reference to an unset variable (a deployment's worker without it) is one ConfigError line."""
     import os
 
-    from flows.common import as_config
+    from loraflow.flows.common import as_config
     from loraflow.config import load_config
     from loraflow.errors import ConfigError
     from loraflow.secretref import externalize

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from loraflow.config import load_config
-from loraflow.digest import dataset_digest
+from loraflow.fingerprint import dataset_digest
 from loraflow.paths import Paths
 from tests.reliability.conftest import kill, start, wait_for, write_params, write_prepared
 
@@ -43,14 +43,14 @@ def snapshot(folder) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_merge_killed_mid_write_leaves_the_previous_merged_model_intact(tiny_llama, tmp_path):
-    import tasks.merge
-    import tasks.train
+    import loraflow.tasks.merge
+    import loraflow.tasks.train
 
     write_prepared(tmp_path, n_train=16, n_test=4)
     params = write_params(tmp_path, tiny_llama, method="lora", train={"max_steps": 2})
     cfg, paths = load_config(params), Paths.at(tmp_path)
-    tasks.train.run(cfg, paths)
-    tasks.merge.run(cfg, paths)
+    loraflow.tasks.train.run(cfg, paths)
+    loraflow.tasks.merge.run(cfg, paths)
     before, digest = snapshot(paths.merged), dataset_digest(paths.merged)
     assert "model.safetensors" in before
 
@@ -77,7 +77,7 @@ def test_a_merge_killed_mid_write_leaves_the_previous_merged_model_intact(tiny_l
         load_file(half)
 
     # and merge runs again cleanly over the debris
-    tasks.merge.run(cfg, paths)
+    loraflow.tasks.merge.run(cfg, paths)
     assert set(snapshot(paths.merged)) == set(before)
 
 
@@ -92,9 +92,9 @@ def test_a_half_file_from_outside_loraflow_is_one_line_never_a_crash(tiny_llama,
     half-read: a truncated base, a truncated adapter, a truncated prepared split."""
     import shutil
 
-    import tasks.train
-    from loraflow import modeling
+    import loraflow.tasks.train
     from loraflow.errors import DataError, ModelError
+    from loraflow.model import loading
     from tests.reliability.conftest import cli_in_process, error_line
 
     base = tmp_path / "base"
@@ -102,13 +102,13 @@ def test_a_half_file_from_outside_loraflow_is_one_line_never_a_crash(tiny_llama,
     _truncate(base / "model.safetensors")
     cfg = load_config(None, [f"model.base={base}"])
     with pytest.raises(ModelError, match=r"model.base: a weight file in .* is damaged or incomplete"):
-        modeling.load_model(cfg, Paths.at(tmp_path), quantized=False)
+        loading.load_model(cfg, Paths.at(tmp_path), quantized=False)
 
     root = tmp_path / "p"
     write_prepared(root, n_train=16, n_test=4)
     params = write_params(root, tiny_llama, method="lora", train={"max_steps": 1})
     paths = Paths.at(root)
-    tasks.train.run(load_config(params), paths)
+    loraflow.tasks.train.run(load_config(params), paths)
     _truncate(paths.adapter / "adapter_model.safetensors")
     with cli_in_process(root) as cli:
         rc, err = cli("stage", "evaluate")
@@ -119,4 +119,4 @@ def test_a_half_file_from_outside_loraflow_is_one_line_never_a_crash(tiny_llama,
     text = paths.split("train").read_text(encoding="utf-8")
     paths.split("train").write_text(text[: len(text) // 2 + 7], encoding="utf-8")  # cut inside a row
     with pytest.raises(DataError, match=r"train\.jsonl:\d+: not valid JSON .*re-run `loraflow stage prepare`"):
-        tasks.train.run(load_config(params), paths)
+        loraflow.tasks.train.run(load_config(params), paths)

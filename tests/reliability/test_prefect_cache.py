@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import tracking
 from loraflow.config import load_config
 from loraflow.paths import Paths
+from loraflow.track import tracking
 from tests.reliability.conftest import alpaca, write_raw
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def _overrides(base: Path) -> list[str]:
 
 def test_training_reruns_exactly_when_data_params_base_or_code_change(tmp_path, tiny_llama, prefect_server,
                                                                       monkeypatch):
-    import flows.finetune as ff
+    import loraflow.flows.finetune as ff
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "p"
@@ -88,8 +88,9 @@ def test_a_planted_secret_never_reaches_prefects_parameters_artifacts_or_logs(tm
                                                                                monkeypatch):
     """A password in a config value (a URI) and a token in the environment: the flow run's stored
     parameters, its artifacts and its logs on the Prefect server hold neither (queried over its API)."""
-    import flows.finetune as ff
     from prefect.client.orchestration import get_client
+
+    import loraflow.flows.finetune as ff
 
     password, token = "plantedPwP4", "hf_plantedTokP5"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -124,7 +125,7 @@ def test_a_planted_secret_never_reaches_prefects_parameters_artifacts_or_logs(tm
 
 def test_the_overrides_parameter_is_redacted_as_the_config_is():
     """``params`` + ``overrides`` (a deployment's JSON parameters): the same rule as the config dict."""
-    from flows.common import redacted_parameters
+    from loraflow.flows.common import redacted_parameters
 
     got = redacted_parameters({"params": "params.yaml", "overrides": [
         "eval.max_new_tokens=4", "data.fields.prompt=postgresql://loader:pw1@db/x", "model.hf_token=hf_pw2",
@@ -137,8 +138,8 @@ def test_a_rerun_with_nothing_changed_trains_evaluates_and_merges_nothing(tmp_pa
                                                                           monkeypatch):
     """The no-op re-run (issue 8): train, evaluate and merge Cached, their metrics copied into the new
     MLflow run, the same champion; a report rewritten on disk in between makes that stage run again."""
-    import flows.finetune as ff
-    from loraflow import registry
+    import loraflow.flows.finetune as ff
+    from loraflow.track import registry
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "p"

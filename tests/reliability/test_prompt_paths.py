@@ -1,7 +1,7 @@
 """The prompt a record becomes is byte-identical in training, evaluation and the registered model's inference.
 
 Training and evaluation both read the prompt that prepare rendered into data/prepared (through
-loraflow.formats); the registered model renders a request itself (loraflow/pyfunc_model.py, which
+loraflow.data.formats); the registered model renders a request itself (loraflow/pyfunc_model.py, which
 imports nothing from loraflow). Each record goes through all three, and the token ids agree too:
 what TRL tokenized for training, what evaluation's generation feeds the model, what inference feeds it.
 """
@@ -13,11 +13,11 @@ import json
 import pytest
 
 from loraflow.config import load_config
+from loraflow.data.splits import load_split
 from loraflow.paths import Paths
-from loraflow.prepared import load_split
 from tests.reliability.conftest import alpaca, cli_in_process, write_params, write_raw
 
-pyfunc_model = pytest.importorskip("loraflow.pyfunc_model")
+pyfunc_model = pytest.importorskip("loraflow.track.pyfunc_model")
 
 CASES = {
     "alpaca": ({"instruction": "What is the opposite of hot?", "input": "", "output": "cold"},
@@ -33,9 +33,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_record_renders_to_the_same_bytes_and_tokens_everywhere(case, tiny_llama, tmp_path):
-    from loraflow import modeling, training
-    from loraflow.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-    from tasks.prepare import content_key
+    from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from loraflow.model import loading
+    from loraflow.train import lora, sft
+    from loraflow.tasks.prepare import content_key
 
     record, request = CASES[case]
     filler = [alpaca(i) for i in range(30)] if case.startswith("alpaca") else [
@@ -56,17 +57,17 @@ def test_one_record_renders_to_the_same_bytes_and_tokens_everywhere(case, tiny_l
     assert row["id"] == content_key(row["prompt"], row["completion"])[:16]
 
     # 1. training: the prompt TRL tokenized (its masked tokens) is the prepared prompt
-    tok = modeling.load_tokenizer(cfg, paths)
-    model = modeling.load_model(cfg, paths, quantized=False)
-    from loraflow.targets import resolve_targets
+    tok = loading.load_tokenizer(cfg, paths)
+    model = loading.load_model(cfg, paths, quantized=False)
+    from loraflow.model.targets import resolve_targets
 
-    model = training.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
-    trainer = training.build_trainer(cfg, paths, model, tok, [row])
+    model = lora.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
+    trainer = sft.build_trainer(cfg, paths, model, tok, [row])
     ids, labels = trainer.train_dataset[0]["input_ids"], trainer.train_dataset[0]["labels"]
-    n_prompt = sum(lab == training.IGNORE for lab in labels)
+    n_prompt = sum(lab == sft.IGNORE for lab in labels)
     train_prompt_ids = ids[:n_prompt]
 
-    # 2. evaluation: generation feeds tokenizer(prompt) of the prepared row (loraflow.generation.greedy_generate)
+    # 2. evaluation: generation feeds tokenizer(prompt) of the prepared row (loraflow.model.generation.greedy_generate)
     eval_ids = tok([row["prompt"]], padding=True)["input_ids"][0]
 
     # 3. the registered model: a request rendered by the logged pyfunc, with the config register logs

@@ -16,7 +16,7 @@ import pytest
 
 from loraflow.atomic import write_json
 from loraflow.paths import Paths
-from loraflow.registry import LOCK_SUFFIX
+from loraflow.track.registry import LOCK_SUFFIX
 from tests.reliability.conftest import BIN, kill, start, write_params
 
 pytestmark = pytest.mark.slow

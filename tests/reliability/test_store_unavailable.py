@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import error_line, run_cli, write_params, write_prepared, write_raw, alpaca
+from tests.reliability.conftest import alpaca, error_line, run_cli, write_params, write_prepared, write_raw
 from tests.system.servers import free_port
 
 
@@ -70,7 +70,6 @@ def test_a_tracking_server_killed_mid_training_is_one_line_and_the_run_is_ended_
     import subprocess
 
     from mlflow import MlflowClient
-
     from tests.reliability.conftest import BIN, env, wait_for
 
     store = tmp_path / "store"
@@ -117,9 +116,9 @@ def test_a_tracking_server_killed_mid_training_is_one_line_and_the_run_is_ended_
         orphan = runs[0].info.run_id
         # ... until the next loraflow run on this machine starts (tracking.start_run, what `stage train` and
         # `run` call first): it ends the orphan FAILED and opens its own run.
-        from loraflow import tracking
         from loraflow.config import load_config
         from loraflow.paths import Paths
+        from loraflow.track import tracking
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         cfg = load_config(str(root / "params.yaml"), [])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import tasks.train
+import loraflow.tasks.train
 from loraflow.config import load_config
 from loraflow.errors import LoraflowError, TrainingError
 from loraflow.paths import Paths
@@ -28,12 +28,12 @@ def adapter_bytes(paths: Paths) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_an_absurd_learning_rate_stops_at_the_step_and_keeps_the_published_adapter(tiny_llama, tmp_path):
     cfg, paths = project(tmp_path, tiny_llama, train={"max_steps": 2})
-    tasks.train.run(cfg, paths)
+    loraflow.tasks.train.run(cfg, paths)
     before = adapter_bytes(paths)
 
     bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e30, "max_steps": 8})})
     with pytest.raises(TrainingError) as e:
-        tasks.train.run(bad, paths)
+        loraflow.tasks.train.run(bad, paths)
     msg = str(e.value)
     assert re.match(r"train: (loss is (nan|inf|-inf)|adapter weights became non-finite) at step \d+", msg), msg
     assert "lower train.learning_rate (now 1e+30)" in msg and "\n" not in msg
@@ -64,7 +64,7 @@ class Allocate(TrainerCallback):
 def test_out_of_memory_is_one_line_with_the_planners_advice(tiny_llama, tmp_path, how):
     cfg, paths = project(tmp_path, tiny_llama, method="lora", train={"max_steps": 4, "batch_size": 8})
     with pytest.raises(TrainingError) as e:
-        tasks.train.run(cfg, paths, callbacks=[Allocate(2, how)])
+        loraflow.tasks.train.run(cfg, paths, callbacks=[Allocate(2, how)])
     msg = str(e.value)
     assert isinstance(e.value, LoraflowError) and "\n" not in msg  # the CLI prints it as one line, exit 1
     assert msg.startswith("train: out of memory at step 3 ("), msg
@@ -94,7 +94,7 @@ def test_with_gradient_checkpointing_the_first_optimizer_step_changes_the_lora_w
     watch = Watch()
     cfg, paths = project(tmp_path, tiny_llama, method=method,
                          train={"max_steps": 2, "gradient_checkpointing": True})
-    tasks.train.run(cfg, paths, callbacks=[watch])
+    loraflow.tasks.train.run(cfg, paths, callbacks=[watch])
     assert watch.checkpointing is True  # it really was on
     lora_a = sorted(n for n in watch.before if "lora_A" in n)
     lora_b = sorted(n for n in watch.before if "lora_B" in n)
@@ -111,38 +111,39 @@ def test_with_gradient_checkpointing_the_first_optimizer_step_changes_the_lora_w
 
 
 def _trainer(cfg, paths, rows):
-    from loraflow import modeling, training
-    from loraflow.targets import resolve_targets
+    from loraflow.model import loading
+    from loraflow.model.targets import resolve_targets
+    from loraflow.train import lora, sft
 
-    tok = modeling.load_tokenizer(cfg, paths)
-    model = modeling.load_model(cfg, paths, quantized=False)
-    model = training.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
-    return training.build_trainer(cfg, paths, model, tok, rows), tok
+    tok = loading.load_tokenizer(cfg, paths)
+    model = loading.load_model(cfg, paths, quantized=False)
+    model = lora.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
+    return sft.build_trainer(cfg, paths, model, tok, rows), tok
 
 
 def test_every_training_example_has_a_masked_prompt_an_answer_and_eos(tiny_llama, tmp_path):
-    from loraflow import training
-    from loraflow.prepared import load_split
+    from loraflow.data.splits import load_split
+    from loraflow.train import label_audit, sft
 
     cfg, paths = project(tmp_path, tiny_llama, method="lora")
     rows = load_split(paths, "train")
     trainer, tok = _trainer(cfg, paths, rows)
-    audit = training.audit_labels(trainer, tok, rows, cfg.data.max_length)
+    audit = label_audit.audit_labels(trainer, tok, rows, cfg.data.max_length)
     assert audit.examples == len(rows) and audit.truncated == 0
     by_id = {r["id"]: r for r in rows}
     for i, ids, labels in zip(trainer.train_dataset["id"], trainer.train_dataset["input_ids"],
                               trainer.train_dataset["labels"]):
         n_prompt = len(tok(by_id[i]["prompt"])["input_ids"])
-        assert all(lab == training.IGNORE for lab in labels[:n_prompt])  # prompt masked
-        assert sum(lab != training.IGNORE for lab in labels) >= 2  # the answer and EOS
+        assert all(lab == sft.IGNORE for lab in labels[:n_prompt])  # prompt masked
+        assert sum(lab != sft.IGNORE for lab in labels) >= 2  # the answer and EOS
         assert labels[-1] == ids[-1] == tok.eos_token_id  # EOS supervised
 
 
 @pytest.mark.parametrize("fault", ["unmasked_prompt", "no_eos", "nothing_supervised"])
 def test_the_audit_refuses_a_dataset_that_would_train_silently_wrong(tiny_llama, tmp_path, fault):
     """Corrupt what the trainer would train on, for real, and the audit stops before step 1."""
-    from loraflow import training
-    from loraflow.prepared import load_split
+    from loraflow.data.splits import load_split
+    from loraflow.train import label_audit, sft
 
     cfg, paths = project(tmp_path, tiny_llama, method="lora")
     rows = load_split(paths, "train")
@@ -160,7 +161,7 @@ def test_the_audit_refuses_a_dataset_that_would_train_silently_wrong(tiny_llama,
                     if key in example:
                         example[key] = example[key][:-1]
             else:
-                labels = [training.IGNORE] * len(labels)
+                labels = [sft.IGNORE] * len(labels)
         example["labels"], example["input_ids"] = labels, ids
         return example
 
@@ -169,7 +170,7 @@ def test_the_audit_refuses_a_dataset_that_would_train_silently_wrong(tiny_llama,
             "no_eos": r"example train3 does not end with a supervised EOS",
             "nothing_supervised": r"example train3 has no supervised token"}[fault]
     with pytest.raises(TrainingError, match=want):
-        training.audit_labels(trainer, tok, rows, cfg.data.max_length)
+        label_audit.audit_labels(trainer, tok, rows, cfg.data.max_length)
 
 
 @pytest.mark.slow
@@ -182,7 +183,7 @@ def test_a_prompt_past_max_length_stops_training_before_it_starts(tiny_llama, tm
         fh.write(json.dumps({"id": "long", "prompt": "hot cold " * 60, "completion": "x"}) + "\n")
     with pytest.raises(TrainingError, match=r"1 of 25 training examples have no answer token within "
                                             r"data.max_length=64 \(e.g. id long\)"):
-        tasks.train.run(cfg, paths)
+        loraflow.tasks.train.run(cfg, paths)
     assert not paths.adapter.exists() and not list(paths.checkpoints.glob("checkpoint-*"))
 
 
@@ -193,8 +194,8 @@ def test_out_of_memory_through_the_cli_is_one_line_and_exit_1(tiny_llama, tmp_pa
 
     write_prepared(tmp_path)
     write_params(tmp_path, tiny_llama, train={"max_steps": 4})
-    run = tasks.train.run
-    monkeypatch.setattr(tasks.train, "run", lambda cfg, paths, tracker, callbacks=None:
+    run = loraflow.tasks.train.run
+    monkeypatch.setattr(loraflow.tasks.train, "run", lambda cfg, paths, tracker, callbacks=None:
                         run(cfg, paths, tracker, callbacks=[Allocate(2, "torch")]))
     with cli_in_process(tmp_path) as cli:
         rc, err = cli("stage", "train", "-s", f"register.model_name=oom-{tmp_path.name}")

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+
 from tests.tiny import alpaca_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,23 +44,23 @@ RECORDS = alpaca_records(50)
 COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors"]
 # What each stage runs: cmd_stage's branch for it and the stage module.
 ENTRY = {
-    "base": ["loraflow.modeling", "loraflow.dvcmeta"],  # base_location, or the REFERENCE.md for another base
+    "base": ["loraflow.modeling", "loraflow.model.embedded"],  # base_location, or the REFERENCE.md for another base
     "base-digest": ["loraflow.basedigest"],  # models/base.digest.json: which weights model.base is
-    "prepare": ["tasks.prepare"],
-    "train": ["tasks.train", "loraflow.tracking", "loraflow.lineage"],  # cmd_stage opens the MLflow run, tagged
-    "evaluate": ["tasks.evaluate", "loraflow.tracking", "loraflow.lineage"],  # ... and resumes it from train.json
-    "merge": ["tasks.merge", "loraflow.tracking", "loraflow.lineage"],
-    "register": ["tasks.register", "loraflow.tracking", "loraflow.lineage"],
+    "prepare": ["loraflow.tasks.prepare"],
+    "train": ["loraflow.tasks.train", "loraflow.track.tracking", "loraflow.lineage"],  # cmd_stage opens the MLflow run, tagged
+    "evaluate": ["loraflow.tasks.evaluate", "loraflow.track.tracking", "loraflow.lineage"],  # ... and resumes it from train.json
+    "merge": ["loraflow.tasks.merge", "loraflow.track.tracking", "loraflow.lineage"],
+    "register": ["loraflow.tasks.register", "loraflow.track.tracking", "loraflow.lineage"],
 }
 # Imported on the way but never run by the stage, so editing them must not re-run it.
 NOT_RUN = {
     "base": ["loraflow.planner"],  # modeling imports it for method: auto only
     "base-digest": [],
-    "prepare": ["loraflow.planner", "loraflow.basemodel"],  # base_location finds models/base built (a dep)
-    "train": ["loraflow.basemodel"],
-    "evaluate": ["loraflow.planner", "loraflow.basemodel"],  # the method comes from the adapter's record
-    "merge": ["loraflow.planner", "loraflow.basemodel"],
-    "register": ["loraflow.planner", "loraflow.basemodel"],
+    "prepare": ["loraflow.planner", "loraflow.model.embedded"],  # base_location finds models/base built (a dep)
+    "train": ["loraflow.model.embedded"],
+    "evaluate": ["loraflow.planner", "loraflow.model.embedded"],  # the method comes from the adapter's record
+    "merge": ["loraflow.planner", "loraflow.model.embedded"],
+    "register": ["loraflow.planner", "loraflow.model.embedded"],
 }
 
 
@@ -168,8 +169,9 @@ def test_stage_params_exist_in_params_yaml():
 
 
 def test_base_stage_for_another_base_writes_a_reference_and_the_default_rebuilds(tmp_path, monkeypatch):
-    from loraflow import basemodel, cli
+    from loraflow import cli
     from loraflow.atomic import atomic_dir
+    from loraflow.model import embedded
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("model:\n  base: org/some-model\n")
@@ -186,7 +188,7 @@ def test_base_stage_for_another_base_writes_a_reference_and_the_default_rebuilds
             (tmp / "config.json").write_text("{}")
         return out
 
-    monkeypatch.setattr(basemodel, "build_base", fake_build)
+    monkeypatch.setattr(embedded, "build_base", fake_build)
     (tmp_path / "params.yaml").write_text("model:\n  base: models/base\n")
     assert cli.main(["stage", "base"]) == 0
     assert built == [folder]  # no config.json: base_location built the embedded model there
@@ -194,7 +196,7 @@ def test_base_stage_for_another_base_writes_a_reference_and_the_default_rebuilds
 
 
 def test_dvc_outside_git_fails_with_dvcs_own_message(tmp_path):
-    from loraflow.lineage import git_commit
+    from loraflow.fingerprint import git_commit
 
     if subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode == 0:
         pytest.skip(f"{tmp_path} is inside a git work tree")
@@ -420,7 +422,7 @@ def _walk_exps(node):
 
 @pytest.mark.slow
 def test_push_and_pull_through_a_local_remote(repo):
-    from loraflow.digest import dataset_digest
+    from loraflow.fingerprint import dataset_digest
 
     root = repo.root
     repo.sh("dvc", "remote", "add", "--default", "--force", "storage", str(repo.tmp / "remote"))

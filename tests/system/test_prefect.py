@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.tiny import alpaca_records
 
 pytestmark = pytest.mark.slow
@@ -316,10 +317,10 @@ def test_rerun_with_nothing_changed_skips_prepare_and_training(stack):
 
 def _handed_over_project(stack, tmp_path: Path, monkeypatch, name: str, **extra: Any):
     """A prepared project on "the cpu box" whose data went up to a fresh MLflow run; returns (config, run id)."""
-    import tasks.prepare
-    from loraflow import handoff, tracking
+    import loraflow.tasks.prepare
     from loraflow.config import load_config
     from loraflow.paths import Paths
+    from loraflow.track import handoff, tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
     project = tmp_path / "cpu"
@@ -327,19 +328,20 @@ def _handed_over_project(stack, tmp_path: Path, monkeypatch, name: str, **extra:
     (project / "data" / "raw" / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     cfg = load_config(None, _overrides(stack["tiny_llama"], **{"register.model_name": name, **extra}))
     paths = Paths.at(project)
-    tasks.prepare.run(cfg, paths)
+    loraflow.tasks.prepare.run(cfg, paths)
     tracker = tracking.start_run(paths, name, name)
     handoff.upload_prepared(paths, tracker.run_id)
     return cfg, tracker.run_id, paths
 
 
 def _run_train_flow(stack, cfg, run_id: str, root: Path):
-    import flows.train
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    import loraflow.flows.train
 
     # no logs to the API from this process: its log handler would still be flushing after the server stopped
     with temporary_settings({PREFECT_API_URL: stack["api"], PREFECT_LOGGING_TO_API_ENABLED: False}):
-        return flows.train.train(run_id=run_id, config=cfg.model_dump(mode="json"), root=str(root), return_state=True)
+        return loraflow.flows.train.train(run_id=run_id, config=cfg.model_dump(mode="json"), root=str(root), return_state=True)
 
 
 def _train_task_run(stack, state):
@@ -349,10 +351,10 @@ def _train_task_run(stack, state):
 
 
 def test_crashed_training_is_retried_and_resumes_from_its_checkpoint(stack, tmp_path, monkeypatch):
-    from mlflow import MlflowClient
     from transformers import TrainerCallback
 
-    import flows.train
+    import loraflow.flows.train
+    from mlflow import MlflowClient
 
     class CrashOnce(TrainerCallback):
         fired = False
@@ -365,11 +367,11 @@ def test_crashed_training_is_retried_and_resumes_from_its_checkpoint(stack, tmp_
     cfg, run_id, cpu = _handed_over_project(stack, tmp_path, monkeypatch, "sys-retry", **{
         "train.max_steps": 8, "train.save_steps": 4, "orchestration.retries": 1, "orchestration.retry_delay_s": 0})
     crash = CrashOnce()
-    flows.train.EXTRA_CALLBACKS.append(crash)
+    loraflow.flows.train.EXTRA_CALLBACKS.append(crash)
     try:
         state = _run_train_flow(stack, cfg, run_id, tmp_path / "gpu")
     finally:
-        flows.train.EXTRA_CALLBACKS.remove(crash)
+        loraflow.flows.train.EXTRA_CALLBACKS.remove(crash)
     assert crash.fired
     assert state.is_completed(), state
     result = state.result()
@@ -383,7 +385,7 @@ def test_crashed_training_is_retried_and_resumes_from_its_checkpoint(stack, tmp_
 
 
 def test_data_error_is_not_retried_and_timeout_stops_training(stack, tmp_path, monkeypatch):
-    from loraflow import handoff, tracking
+    from loraflow.track import handoff, tracking
 
     # A deterministic failure (an empty train split) fails once, without retries.
     cfg, _, cpu = _handed_over_project(stack, tmp_path, monkeypatch, "sys-noretry", **{"orchestration.retries": 2})
@@ -401,9 +403,9 @@ def test_data_error_is_not_retried_and_timeout_stops_training(stack, tmp_path, m
     good_run = tracking.start_run(cpu, "sys-noretry", "timeout").run_id
     cpu_ok = tmp_path / "cpu"
     (cpu_ok / "data" / "prepared" / "train.jsonl").unlink()
-    import tasks.prepare
+    import loraflow.tasks.prepare
 
-    tasks.prepare.run(cfg, cpu)
+    loraflow.tasks.prepare.run(cfg, cpu)
     handoff.upload_prepared(cpu, good_run)
     state = _run_train_flow(stack, cfg2, good_run, tmp_path / "gpu-slow")
     assert state.is_failed(), state

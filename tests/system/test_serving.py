@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import tracking
 from loraflow.config import load_config
 from loraflow.paths import Paths
+from loraflow.track import tracking
 from tests.integration.test_register import _stage_outputs
 from tests.system.servers import free_port, start, stop, wait_http
 
@@ -21,16 +21,16 @@ BIN = Path(sys.executable).parent
 
 
 def test_mlflow_models_serve_answers_invocations_with_generated_text(tmp_path, tiny_llama, monkeypatch):
-    import mlflow
     import pandas as pd
 
-    import tasks.register
+    import mlflow
+    import loraflow.tasks.register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     paths = Paths.at(tmp_path)
     cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=served", "eval.max_new_tokens=6"])
     _stage_outputs(paths, tiny_llama, exact_match=0.5)
-    assert tasks.register.run(cfg, paths).decision == "promoted"
+    assert loraflow.tasks.register.run(cfg, paths).decision == "promoted"
     uri = tracking.tracking_uri(paths)
 
     port, log = free_port(), tmp_path / "serve.log"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import basemodel
-from loraflow.corpus import generate
-from loraflow.corpus.facts import all_facts
 from loraflow.errors import ConfigError
+from loraflow.model import embedded
+from loraflow.model.corpus import generate
+from loraflow.model.corpus.facts import all_facts
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12  # ~1 s of training: enough for the loss to fall, far from knowing the facts
@@ -25,8 +25,8 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory) -> tuple[Path, Path]:
     """Two builds with the same seed into different folders."""
-    a = basemodel.build_base(tmp_path_factory.mktemp("base") / "a", seed=0, steps=STEPS)
-    b = basemodel.build_base(tmp_path_factory.mktemp("base") / "b", seed=0, steps=STEPS)
+    a = embedded.build_base(tmp_path_factory.mktemp("base") / "a", seed=0, steps=STEPS)
+    b = embedded.build_base(tmp_path_factory.mktemp("base") / "b", seed=0, steps=STEPS)
     return a, b
 
 
@@ -45,7 +45,7 @@ def test_loads_as_a_hugging_face_llama(builds):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     for special in ("<|im_start|>", "<|im_end|>"):
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
-    planned = basemodel.base_config()  # what `loraflow plan` reads before the model exists
+    planned = embedded.base_config()  # what `loraflow plan` reads before the model exists
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "pad_token_id"):
         assert getattr(model.config, key) == getattr(planned, key), key
     # bitsandbytes' 4-bit CPU layers want widths that are multiples of 64.
@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_and_is_recorded(builds):
     info = json.loads((builds[0] / "build.json").read_text())
     assert info["steps"] == STEPS and info["seed"] == 0 and len(info["losses"]) == STEPS
     assert info["loss_end"] < info["loss_start"]
-    assert info["corpus_sha256"] == basemodel.corpus_digest()
+    assert info["corpus_sha256"] == embedded.corpus_digest()
     card = (builds[0] / "README.md").read_text()
     assert f"{info['params']:,}" in card and "public domain" in card
 
@@ -87,16 +87,16 @@ def test_ensure_base_builds_once(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         return out
 
-    monkeypatch.setattr(basemodel, "build_base", fake_build)
+    monkeypatch.setattr(embedded, "build_base", fake_build)
     target = tmp_path / "models" / "base"
-    assert basemodel.ensure_base(target) == target
-    assert basemodel.ensure_base(target) == target
+    assert embedded.ensure_base(target) == target
+    assert embedded.ensure_base(target) == target
     assert calls == [target]
 
 
 def test_bad_step_budget_is_a_user_error(tmp_path):
     with pytest.raises(ConfigError, match="--steps"):
-        basemodel.build_base(tmp_path / "x", steps=0)
+        embedded.build_base(tmp_path / "x", steps=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -104,7 +104,7 @@ def test_corpus_files_are_generated_and_state_every_fact():
     rendered = generate.render()
     for name, text in rendered.items():
         assert (generate.CORPUS_DIR / name).read_text(encoding="utf-8") == text, (
-            f"loraflow/corpus/{name} is stale: run python -m loraflow.corpus.generate"
+            f"loraflow/corpus/{name} is stale: run python -m loraflow.model.corpus.generate"
         )
     size = sum(len(t.encode()) for t in rendered.values())
     assert size < 300_000

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from loraflow import modeling
 from loraflow.config import load_config
+from loraflow.model import loading, quant
 from loraflow.paths import Paths
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 def _aliasing(model) -> list[str]:
     """Names of the tensors that point into a mapped *.safetensors file."""
-    ranges = modeling._weight_file_mappings()
+    ranges = quant._weight_file_mappings()
     return [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
 
@@ -25,19 +25,19 @@ def test_4bit_load_keeps_no_view_of_the_checkpoint(tiny_llama, tmp_path):
 
     cfg = load_config(None, [f"model.base={tiny_llama}", "quantization.compute_dtype=float32"])
     paths = Paths.at(tmp_path)
-    full = modeling.load_model(cfg, paths, quantized=False)
+    full = loading.load_model(cfg, paths, quantized=False)
     # fp32 from an fp32 checkpoint: every parameter is the mapped file itself (why LoRA keeps it)
     assert len(_aliasing(full)) == len(list(full.parameters())) > 0
     reference = {n: p.detach().clone() for n, p in full.named_parameters()}
     del full
 
-    q = modeling.load_model(cfg, paths, quantized=True)
+    q = loading.load_model(cfg, paths, quantized=True)
     emb = q.get_input_embeddings().weight
     emb_name = next(n for n, p in q.named_parameters() if p is emb)
     # only the input embedding still views the file (a lookup reads only its batch's rows), through a
     # mapping of its own bytes: the rest of the checkpoint, read to quantize, is no longer mapped
-    assert modeling.count_4bit_layers(q) == 14 and _aliasing(q) == [emb_name]
-    mapped = sum(hi - lo for lo, hi, _, path in modeling._weight_file_mappings(detail=True) if str(tiny_llama) in path)
+    assert quant.count_4bit_layers(q) == 14 and _aliasing(q) == [emb_name]
+    mapped = sum(hi - lo for lo, hi, _, path in quant._weight_file_mappings(detail=True) if str(tiny_llama) in path)
     emb_bytes = emb.numel() * emb.element_size()
     assert emb_bytes <= mapped < emb_bytes + 2 * 65536
     checkpoint = tiny_llama / "model.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from loraflow.config import load_config
+from loraflow.data.formats import BadRecord, check_fields, detect_format, render, render_prompt
 from loraflow.errors import ConfigError, DataError
-from loraflow.formats import BadRecord, check_fields, detect_format, render, render_prompt
-from loraflow.modeling import load_tokenizer
+from loraflow.model.loading import load_tokenizer
 from loraflow.paths import Paths
 
 

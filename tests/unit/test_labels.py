@@ -7,7 +7,7 @@ import pytest
 from loraflow.config import Config
 from loraflow.errors import TrainingError
 from loraflow.paths import Paths
-from loraflow.training import IGNORE
+from loraflow.train.sft import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,18 +27,19 @@ def rows(prompts=ROWS):
 
 
 def make_trainer(base, root, train_rows, max_length=64, batching="group_by_length"):
-    from loraflow import modeling, training
-    from loraflow.targets import resolve_targets
+    from loraflow.model import loading
+    from loraflow.model.targets import resolve_targets
+    from loraflow.train import lora, sft
 
     cfg = Config.model_validate(
         {"model": {"base": str(base)}, "method": "lora", "data": {"max_length": max_length},
          "train": {"batch_size": 4, "max_steps": 1, "batching": batching}}
     )
     paths = Paths.at(root)
-    tok = modeling.load_tokenizer(cfg, paths)
-    model = modeling.load_model(cfg, paths, quantized=False)
-    model = training.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
-    return training.build_trainer(cfg, paths, model, tok, train_rows), tok
+    tok = loading.load_tokenizer(cfg, paths)
+    model = loading.load_model(cfg, paths, quantized=False)
+    model = lora.attach_lora(model, cfg, resolve_targets(model, "attention-qv"), quantized=False)
+    return sft.build_trainer(cfg, paths, model, tok, train_rows), tok
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_padding_free_batch_supervises_exactly_answer_and_eos_per_example(tiny_m
 
 
 def test_audit_renders_the_sample_and_counts(tiny_models, tmp_path):
-    from loraflow.training import audit_labels
+    from loraflow.train.label_audit import audit_labels
 
     data = rows()
     trainer, tok = make_trainer(tiny_models["llama"], tmp_path, data)
@@ -109,7 +110,7 @@ def test_audit_renders_the_sample_and_counts(tiny_models, tmp_path):
 
 
 def test_audit_fails_when_a_prompt_fills_max_length(tiny_models, tmp_path):
-    from loraflow.training import audit_labels
+    from loraflow.train.label_audit import audit_labels
 
     data = rows() + rows([("word " * 60, "yes")])[:1]
     data[-1]["id"] = "long"
@@ -119,7 +120,7 @@ def test_audit_fails_when_a_prompt_fills_max_length(tiny_models, tmp_path):
 
 
 def test_audit_counts_truncated_answers_without_failing(tiny_models, tmp_path):
-    from loraflow.training import audit_labels
+    from loraflow.train.label_audit import audit_labels
 
     data = rows([("Say it.", "a rather long answer " * 8)])
     trainer, tok = make_trainer(tiny_models["llama"], tmp_path, data, max_length=20)
@@ -129,7 +130,7 @@ def test_audit_counts_truncated_answers_without_failing(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("fault", ["prompt_supervised", "no_eos"])
 def test_audit_catches_masking_faults(tiny_models, tmp_path, fault):
-    from loraflow.training import audit_labels
+    from loraflow.train.label_audit import audit_labels
 
     data = rows()
     trainer, tok = make_trainer(tiny_models["llama"], tmp_path, data)

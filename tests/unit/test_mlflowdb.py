@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from loraflow import mlflowdb, tracking
 from loraflow.paths import Paths
+from loraflow.track import sqlite_store, tracking
 
 
 def _schema(db: Path) -> tuple[list, list]:
@@ -49,6 +49,6 @@ def test_an_existing_store_is_never_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"someone's store")
-    assert mlflowdb.seed(db) is False
+    assert sqlite_store.seed(db) is False
     assert db.read_bytes() == b"someone's store"
     assert not list(tmp_path.glob(".mlflow.db.seed-*"))

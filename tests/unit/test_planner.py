@@ -37,7 +37,7 @@ def _isolated(monkeypatch):
     """No GPU probing, a CPU without native bf16 (as on these machines) and no tracking URI from the
     environment: every test says what it plans for."""
     monkeypatch.setattr(planner, "_cuda", lambda: None)
-    monkeypatch.setattr("loraflow.modeling.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("loraflow.model.loading.cpu_has_native_bf16", lambda: False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
@@ -276,7 +276,7 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
 
 def test_cpu_with_native_bf16_plans_what_the_train_stage_picks_there(tmp_path, root, monkeypatch):
     """compute_dtype auto is bf16 on a CPU with AVX512-BF16 or AMX (modeling.compute_dtype): 2-byte weights."""
-    monkeypatch.setattr("loraflow.modeling.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("loraflow.model.loading.cpu_has_native_bf16", lambda: True)
     bf16 = plan_for(tmp_path, root, QWEN25_05B, gpu=None)
     P = bf16.params_total
     assert bf16.device.kind == "cpu" and bf16.device.bf16
@@ -469,7 +469,7 @@ def test_alpha_ratio_changed_reads_the_last_tracked_run(tmp_path, root):
     assert "alpha-ratio-changed" not in ids(p)
     assert not paths.mlflow_dir.exists()
 
-    from loraflow import tracking
+    from loraflow.track import tracking
 
     run = tracking.start_run(paths, "loraflow-demo", "train")
     run.log_params({"lora_r": 16, "lora_alpha": 32})
@@ -596,7 +596,7 @@ def test_embedded_base_is_never_built(tmp_path, root, monkeypatch):
 
     paths = Paths.at(root)
     # basemodel's published constants (ARCH, VOCAB_SIZE) stand for the config it would build
-    import loraflow.basemodel as bm
+    import loraflow.model.embedded as bm
 
     p = planner.plan(load_config(None), paths, gpu_memory=8)
     assert p.model_type == "llama" and p.params_total > 0 and "not built yet" in p.base
@@ -604,13 +604,13 @@ def test_embedded_base_is_never_built(tmp_path, root, monkeypatch):
     assert p.trainable_params == layers * 16 * 2 * (hidden + hidden)  # r=16 on q and v (kv heads = heads)
     assert not (root / "models").exists()
     # a base_config() function wins; with neither, a one-line error
-    fake = types.ModuleType("loraflow.basemodel")
+    fake = types.ModuleType("loraflow.model.embedded")
     fake.base_config = lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, vocab_size=512)
-    monkeypatch.setitem(sys.modules, "loraflow.basemodel", fake)
+    monkeypatch.setitem(sys.modules, "loraflow.model.embedded", fake)
     p = planner.plan(load_config(None), paths, gpu_memory=8)
     assert p.trainable_params == 2 * 16 * (128 + 128)
-    monkeypatch.setitem(sys.modules, "loraflow.basemodel", types.ModuleType("loraflow.basemodel"))
+    monkeypatch.setitem(sys.modules, "loraflow.model.embedded", types.ModuleType("loraflow.model.embedded"))
     with pytest.raises(ModelError, match="build-base"):
         planner.plan(load_config(None), paths, gpu_memory=8)
     assert not (root / "models").exists()

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import load_config
+from loraflow.data.splits import load_split
 from loraflow.errors import DataError
-from loraflow.prepared import load_split
 from loraflow.paths import Paths
-from tasks import prepare
+from loraflow.tasks import prepare
 
 
 def alpaca(i: int) -> dict:
@@ -211,7 +211,7 @@ def test_empty_train_split_is_an_error(tmp_path, tiny_llama):
 
 
 def _alpaca_pair(record: dict) -> tuple[str, str]:
-    from loraflow.formats import render
+    from loraflow.data.formats import render
 
     return render(record, "alpaca", {}, None)
 
@@ -230,7 +230,7 @@ def test_dataset_digest_equals_dvc(tmp_path, tiny_llama, monkeypatch):
     import yaml
     from dvc.repo import Repo
 
-    from loraflow.digest import dataset_digest
+    from loraflow.fingerprint import dataset_digest
 
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".site-cache"))

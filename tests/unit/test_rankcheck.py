@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow import rankcheck
-from loraflow.rankcheck import effective_rank, module_ranks, plateau, singular_values, summarise
+from loraflow.train import rankcheck
+from loraflow.train.rankcheck import effective_rank, module_ranks, plateau, singular_values, summarise
 
 
 def planted(out: int, inp: int, r: int, true_rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

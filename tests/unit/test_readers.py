@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from loraflow.data.readers import find_source, read_records
 from loraflow.errors import DataError
-from loraflow.readers import find_source, read_records
 
 RECORDS = [
     {"instruction": "What is the opposite of hot?", "output": "cold"},

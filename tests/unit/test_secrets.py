@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from loraflow import tracking
 from loraflow.paths import Paths
+from loraflow.track import tracking
 
 
 def test_planted_secrets_are_redacted_in_the_store(tmp_path, monkeypatch):

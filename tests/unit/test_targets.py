@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraflow.errors import ConfigError
-from loraflow.targets import linear_modules, resolve_targets
+from loraflow.model.targets import linear_modules, resolve_targets
 
 EXPECTED = {
     "llama": {
@@ -60,7 +60,7 @@ def test_peft_wraps_exactly_the_preset(models, arch, preset):
     """The returned names are peft-ready: they wrap the preset's layers and nothing else."""
     from peft import LoraConfig, get_peft_model
 
-    from loraflow.targets import targets_conv1d
+    from loraflow.model.targets import targets_conv1d
 
     base = models(arch)
     want = {m.name for m in linear_modules(base) if _in(m, preset)}
@@ -86,7 +86,7 @@ def _in(m, preset):
 
 
 def test_gpt2_conv1d_is_found_and_flagged(models):
-    from loraflow.targets import targets_conv1d
+    from loraflow.model.targets import targets_conv1d
 
     gpt2 = models("gpt2")
     kinds = {m.kind for m in linear_modules(gpt2)}
@@ -145,7 +145,8 @@ def test_preset_that_matches_nothing_names_the_layers():
 def test_same_names_on_a_4bit_model(tiny_models, tmp_path):
     """Linear4bit layers (QLoRA) resolve exactly like the full-precision ones."""
     from loraflow.config import Config
-    from loraflow.modeling import count_4bit_layers, load_model
+    from loraflow.model.loading import load_model
+    from loraflow.model.quant import count_4bit_layers
     from loraflow.paths import Paths
 
     cfg = Config.model_validate({"model": {"base": str(tiny_models["llama"])}})
@@ -157,7 +158,7 @@ def test_same_names_on_a_4bit_model(tiny_models, tmp_path):
 
 
 def test_roles_from_names():
-    from loraflow.targets import _roles
+    from loraflow.model.targets import _roles
 
     assert _roles("q_proj") == {"q"} and _roles("v_proj") == {"v"} and _roles("o_proj") == {"o"}
     assert _roles("qkv_proj") == _roles("Wqkv") == _roles("query_key_value") == _roles("c_attn") == {"q", "k", "v"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.textmetrics import exact_match, mean, normalize_answer, token_f1
+from loraflow.data.textmetrics import exact_match, mean, normalize_answer, token_f1
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Load the base model and tokenizer: one code path for a local folder and a hub id.
 
-QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes; LoRA keeps it in full precision.
-Weights load from safetensors only (a pickle can run code on load) unless ``model.allow_pickle``;
-code shipped with a model runs only with ``model.trust_remote_code``.
+QLoRA loads the frozen base in 4-bit NF4 (``loraflow.model.quant`` builds the bitsandbytes config and
+mends the loaded model); LoRA keeps it in full precision. Weights load from safetensors only (a pickle
+can run code on load) unless ``model.allow_pickle``; code shipped with a model runs only with
+``model.trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraflow.config import Config, ModelSection
+from loraflow.config import EMBEDDED_BASE, Config
 from loraflow.errors import ConfigError, ModelError
 from loraflow.paths import Paths
 
@@ -21,8 +22,10 @@ if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-EMBEDDED_BASE = ModelSection.model_fields["base"].default  # "models/base"
+
 PAD_TOKEN = "<|pad|>"
+
+
 # Written by the train stage into the adapter folder: the method, quantization and base it trained against.
 ADAPTER_META = "loraflow_train.json"
 
@@ -35,7 +38,7 @@ def base_location(cfg: Config, paths: Paths) -> str:
     base = cfg.model.base
     local = Path(base) if Path(base).is_absolute() else paths.root / base
     if base == EMBEDDED_BASE and not (local / "config.json").exists():
-        from loraflow.basemodel import ensure_base
+        from loraflow.model.embedded import ensure_base
 
         ensure_base(local)
     if local.exists():
@@ -47,19 +50,6 @@ def base_location(cfg: Config, paths: Paths) -> str:
             f"model.base: {base} does not exist (looked at {local}); give an existing folder or a hub id like org/name"
         )
     return base  # a hub id
-
-
-def resolve_method(cfg: Config, paths: Paths) -> tuple[str, str]:
-    """The method training uses, ``qlora`` or ``lora``, and why.
-
-    ``auto`` asks the planner (the seed's guide: plain LoRA when the 16-bit base fits comfortably).
-    """
-    if cfg.method != "auto":
-        return cfg.method, f"method: {cfg.method} as configured"
-    from loraflow.planner import plan
-
-    p = plan(cfg, paths, with_lints=False)
-    return p.method, p.method_reason
 
 
 def uses_4bit(cfg: Config, paths: Paths | None = None) -> bool:
@@ -104,9 +94,23 @@ def compute_dtype(cfg: Config) -> "torch.dtype":
     return getattr(torch, name)
 
 
+CPU_BF16_ENV = "LORAFLOW_CPU_BF16"  # 0 or 1: overrides the probe below (the test suite sets 0)
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch detects it."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch detects it.
+
+    ``LORAFLOW_CPU_BF16=0`` (or 1) overrides the probe: CPU workers of one pool that differ in it would
+    otherwise train the same config in different dtypes; the test suite sets 0 so that it computes
+    the same on every CI machine, and tests of the bf16 path set 1.
+    """
+    import os
+
     import torch
+
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
@@ -136,6 +140,8 @@ def load_tokenizer(cfg: Config, paths: Paths) -> "PreTrainedTokenizerBase":
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 # config.json keys that hold how many positions a model has, by architecture family.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
@@ -180,7 +186,9 @@ def load_model(
 ) -> "PreTrainedModel":
     """Load the base causal LM, in 4-bit NF4 (``quantized``) or full precision (``dtype``, fp32 default)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.model import quant
 
     where = base_location(cfg, paths)
     allow_pickle = cfg.model.allow_pickle
@@ -194,13 +202,7 @@ def load_model(
     )
     if quantized:
         cdtype = compute_dtype(cfg)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quantization.quant_type,
-            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
-            bnb_4bit_compute_dtype=cdtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
+        kwargs["quantization_config"] = quant.bnb_config(cfg.quantization, cdtype)
         kwargs["dtype"] = cdtype if cdtype != torch.float16 else torch.float32
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": 0}
@@ -221,105 +223,15 @@ def load_model(
         hint = "" if allow_pickle else "; a hub model with only pickle weights needs model.allow_pickle: true"
         raise ModelError(f"model.base: cannot load weights from {where} ({_first_line(e)}){hint}") from None
     if quantized:
-        disable_cpu_repack(model)
-        release_checkpoint_mapping(model)
+        quant.disable_cpu_repack(model)
+        quant.release_checkpoint_mapping(model)
     return model
-
-
-def release_checkpoint_mapping(model: "torch.nn.Module") -> int:
-    """Drop the memory-mapped weight files a 4-bit CPU load leaves behind (TRAPS 5); returns tensors moved.
-
-    transformers reads safetensors through one mmap per file and quantizes each linear weight from
-    it; the parameters it keeps unquantized (embeddings, LM head, norms) stay *views* of that mapping,
-    so the whole file stays mapped and every page read to quantize stays in this process's RSS
-    (4 bytes per linear weight for an fp32 checkpoint, besides its NF4 copy). Copying those few
-    tensors (P_rest, a small share of the model) lets the mapping go; then the allocator's heap,
-    left with the loader's freed per-weight buffers, is returned to the system (``malloc_trim``).
-    The input embedding is not copied but mapped again on its own (``_map_privately``): a lookup
-    reads only the rows of a batch's tokens, so, as in a full-precision load, the rest of it never
-    enters memory (98 MB of fp32 on the 200M model of README "Memory", 24k x 1024).
-    A full-precision load keeps its mapping on purpose: there the mapped file *is* the frozen base.
-    Linux only (it reads ``/proc/self/maps``); elsewhere it does nothing.
-    """
-    import gc
-
-    maps = _weight_file_mappings(detail=True)
-    if not maps:
-        return 0
-    embedding = getattr(model.get_input_embeddings(), "weight", None) if hasattr(model, "get_input_embeddings") else None
-    moved = 0
-    for tensors in (model.parameters(), model.buffers()):
-        for t in tensors:
-            if t.device.type != "cpu":
-                continue
-            where = next((m for m in maps if m[0] <= t.data_ptr() < m[1]), None)
-            if where is None:
-                continue
-            fresh = _map_privately(t, *where) if t is embedding else None
-            # same Parameter object either way: ties and optimizer references stay valid
-            t.data = fresh if fresh is not None else t.data.clone()
-            moved += 1
-    gc.collect()  # the file's storage is freed (and unmapped) with its last view
-    _malloc_trim()
-    return moved
-
-
-def _map_privately(t: "torch.Tensor", lo: int, hi: int, offset: int, path: str) -> "torch.Tensor | None":
-    """``t`` (a view of ``path`` mapped at ``lo``..``hi`` from file ``offset``) as a view of a new private
-    mapping of only its own bytes of that file; None when it cannot be (then it is copied).
-
-    Copy-on-write (``ACCESS_COPY``): a write changes this process's pages, never the file. Pages are
-    read from the file when first touched, and, being clean file pages, the kernel can drop them under
-    memory pressure as it does a full-precision base's.
-    """
-    import mmap
-
-    import torch
-
-    if not t.is_contiguous():
-        return None
-    start = offset + (t.data_ptr() - lo)
-    aligned = start - start % mmap.ALLOCATIONGRANULARITY
-    nbytes = t.numel() * t.element_size()
-    try:
-        with open(path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), start - aligned + nbytes, access=mmap.ACCESS_COPY, offset=aligned)
-    except (OSError, ValueError):
-        return None
-    # the tensor keeps the mmap object (and so the mapping) alive
-    return torch.frombuffer(mapped, dtype=t.dtype, count=t.numel(), offset=start - aligned).view(t.shape)
-
-
-def _weight_file_mappings(detail: bool = False) -> list[tuple]:
-    """Address ranges (lo, hi) of this process's mappings of ``*.safetensors`` files (``/proc/self/maps``);
-    with ``detail``, (lo, hi, file offset, path)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as fh:
-            lines = fh.readlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].strip().endswith(".safetensors"):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            out.append((lo, hi, int(fields[2], 16), fields[5].strip()) if detail else (lo, hi))
-    return out
-
-
-def _malloc_trim() -> None:
-    """Give glibc's free heap pages back to the system; a no-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # Pickle files a model or adapter folder may hold instead of safetensors (torch.save / pickle formats).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 WEIGHT_FILES = ("pytorch_model", "model")  # stems of a base model's weight files (sharded: pytorch_model-00001-...)
 
 
@@ -362,30 +274,6 @@ def peft_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-def disable_cpu_repack(model: "torch.nn.Module") -> int:
-    """Stop bitsandbytes from repacking NF4 weights in place on an eval-mode CPU forward.
-
-    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode rewrites the weight into a
-    CPU-only layout; afterwards backward and merging are silently wrong (TRAPS.md 1).
-    Returns the number of 4-bit layers touched.
-    """
-    import bitsandbytes as bnb
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
-def count_4bit_layers(model: "torch.nn.Module") -> int:
-    """bitsandbytes ``Linear4bit`` layers in ``model`` (0 for a full-precision base)."""
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 def _first_line(e: BaseException) -> str:

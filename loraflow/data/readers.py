@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.data.formats import BadRecord, type_name
 from loraflow.errors import DataError
-from loraflow.formats import BadRecord, type_name
 
 EXTENSIONS = {
     ".jsonl": "jsonl",

@@ -8,7 +8,7 @@ consumer needs mlflow, torch and transformers (plus peft, and bitsandbytes for a
 
     kind            merged | adapter
     format          alpaca | chat | completion | text: how a request becomes the prompt
-    templates       alpaca's two templates, the very strings training rendered with (loraflow.formats)
+    templates       alpaca's two templates, the very strings training rendered with (loraflow.data.formats)
     max_new_tokens  default generation length (a request may pass params={"max_new_tokens": N})
     base            adapter only: {location, source: local|hub, revision, sha256}; a local base is
                     verified against sha256 on load, a hub base is loaded at the pinned commit.
@@ -27,10 +27,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.pyfunc import PythonModel
 
-TRAIN_META = "loraflow_train.json"  # loraflow.modeling.ADAPTER_META (not imported: see above)
+import mlflow
+
+TRAIN_META = "loraflow_train.json"  # loraflow.model.loading.ADAPTER_META (not imported: see above)
 # (folder, names, sizes, mtimes) -> sha256: a serving process that loads the same base again hashes it once.
 _SHA_CACHE: dict[tuple, str] = {}
 
@@ -84,14 +85,14 @@ class LoraflowTextModel(PythonModel):
             self.model = PeftModel.from_pretrained(base, adapter, is_trainable=False)
         else:
             raise ValueError(f"model_config kind={kind!r}: expected merged or adapter")
-        if self.tokenizer.pad_token is None:  # as training did (loraflow.modeling.ensure_pad_token)
+        if self.tokenizer.pad_token is None:  # as training did (loraflow.model.loading.ensure_pad_token)
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.eval()
 
     # -- requests ------------------------------------------------------------------------------
 
     def render(self, record: dict[str, Any]) -> str:
-        """The prompt exactly as training rendered it (loraflow.formats.render_prompt)."""
+        """The prompt exactly as training rendered it (loraflow.data.formats.render_prompt)."""
         fmt = self.config.get("format", "completion")
         prompt = record.get("prompt", record.get("instruction"))
         if not isinstance(prompt, str):
@@ -115,7 +116,7 @@ class LoraflowTextModel(PythonModel):
         return self.generate([self.render(r) for r in records], max_new)
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-        """Greedy, left-padded, new tokens only, cut at EOS (loraflow.generation.greedy_generate)."""
+        """Greedy, left-padded, new tokens only, cut at EOS (loraflow.model.generation.greedy_generate)."""
         import torch
         from transformers import GenerationConfig
 

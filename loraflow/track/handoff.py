@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loraflow import tracking
 from loraflow.atomic import atomic_dir
-from loraflow.digest import dataset_digest
 from loraflow.errors import LoraflowError
+from loraflow.fingerprint import dataset_digest
 from loraflow.paths import Paths
+from loraflow.track import tracking
 
 PREPARED = "prepared"
 ADAPTER = "adapter"

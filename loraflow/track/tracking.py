@@ -291,11 +291,11 @@ def client(paths: Paths) -> Any:
 
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
-        from loraflow import mlflowdb
+        from loraflow.track import sqlite_store
 
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
-        mlflowdb.seed(db)  # a new store from the cached empty schema, not 2.4 s of migrations
+        sqlite_store.seed(db)  # a new store from the cached empty schema, not 2.4 s of migrations
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loraflow.config import Config
 from loraflow.errors import ModelError
-from loraflow.modeling import (
+from loraflow.model.loading import (
     compute_dtype,
     ensure_pad_token,
     load_model,

@@ -5,7 +5,7 @@
         -s train.learning_rate=3e-3 -s train.batch_size=8 -s train.epochs=3   # the measured recipe
 
 Loads the base in 4-bit NF4 through ``loraflow.model.loading.load_model`` (CPU repack disabled,
-TRAPS.md 1), renders ``data/raw/sample.jsonl`` with the alpaca templates of the prepare stage,
+docs/traps.md §1), renders ``data/raw/sample.jsonl`` with the alpaca templates of the prepare stage,
 holds out 10% by a content hash, trains LoRA on the answers only with a plain AdamW loop, and
 prints greedy exact match and answer-token loss of base and tuned on the held-out records.
 A stand-in for prepare -> train -> evaluate while those stages are being written.

@@ -6,14 +6,14 @@
 A random-init Llama of ~200M parameters is built from a config (nothing downloaded) and saved as fp32
 safetensors in a temporary folder. Each method then runs in its own fresh process, through the train
 stage's own code: ``loraflow.model.loading.load_model`` (fp32, or NF4 + double quant for QLoRA, which drops
-the checkpoint's mapping after quantizing: TRAPS 5) and ``loraflow.train.lora.attach_lora``, then a few
+the checkpoint's mapping after quantizing: docs/traps.md §5) and ``loraflow.train.lora.attach_lora``, then a few
 steps of fused AdamW on random tokens (``bench/plan_memory.py``'s child does the measuring: the peak RSS
 above the process after its imports from VmHWM, and the peaks of RssAnon and RssFile, sampled every
 2 ms by a thread). The methods alternate within each repeat; the table shows medians. Next to each:
 ``loraflow plan``'s estimate for the same shapes on this CPU (fp32 compute).
 
 Also per method: CPU seconds (user + system) and wall seconds per step after the first (the machine is
-shared: CPU time is the steadier, TRAPS 8), and glibc's heap at the end of the last forward (``mallinfo2``:
+shared: CPU time is the steadier, docs/traps.md §8), and glibc's heap at the end of the last forward (``mallinfo2``:
 bytes in use and bytes free inside the heap, which stay in RSS once touched; above the process after loading).
 
 Goals (issue 8, goal 4): QLoRA's peak RSS at least 0.5 GB below LoRA's; LoRA's at least 1.9x below
@@ -154,7 +154,7 @@ def main() -> int:
         results["model_config"] = json.loads((model / "config.json").read_text())
         _estimate(results, model)
         methods = args.methods.split(",")
-        for rep in range(args.repeats):  # alternate the methods within each repeat (TRAPS 8)
+        for rep in range(args.repeats):  # alternate the methods within each repeat (docs/traps.md §8)
             order = methods if rep % 2 == 0 else methods[::-1]
             for method in order:
                 r = pm.run_case(model, method, "glibc", args)

@@ -92,7 +92,7 @@ def main() -> int:
         "command": f"{Path(sys.executable).relative_to(ROOT) if ROOT in Path(sys.executable).parents else sys.executable} "
                    f"bench/noop_rerun.py --reps {args.reps}",
         "machine": machine(), "champion_version": champion, "rows": rows, "checks": checks, "load_averages": loads,
-        "note": "median of alternating re-runs; the machine may be shared (TRAPS 8)",
+        "note": "median of alternating re-runs; the machine may be shared (docs/traps.md §8)",
     })
     print(f"\nwrote {out.relative_to(ROOT)}", file=sys.stderr)
     return 0 if all(r["did_nothing"] for r in rows) else 1

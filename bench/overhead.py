@@ -246,7 +246,7 @@ def main() -> int:
         "command": f"bench/overhead.py --reps {args.reps}", "machine": machine() | {"load_averages": loads},
         "pipeline_s": pipe, "plain_s": plain, "overhead": round(overhead, 4), "goal": GOAL, "met": overhead <= GOAL,
         "orchestration_only": direct, "rows": rows, "runs": runs,
-        "note": "medians of alternating runs, fresh project and process each; the machine may be shared (TRAPS 8)",
+        "note": "medians of alternating runs, fresh project and process each; the machine may be shared (docs/traps.md §8)",
     })
     print(f"wrote {out.relative_to(ROOT)}", file=sys.stderr)
     return 0
@@ -275,7 +275,7 @@ def _print(runs: dict[str, list[dict]], loads: list[float]) -> tuple[list[dict],
           f"server, MLflow, lints, register): median {direct['seconds_median']:.1f} s = "
           f"{direct['share_median']:.1%} of its wall time")
     # The training loop is the same code on both sides and the noisiest part (this machine's slow
-    # spells move it by +-8 s between runs: TRAPS 8); the overhead outside it, over the median wall:
+    # spells move it by +-8 s between runs: docs/traps.md §8); the overhead outside it, over the median wall:
     if all(TRAIN_LOOP in r["total"] for rs in runs.values() for r in rs):
         outside = {side: median([r["wall"] - r["total"][TRAIN_LOOP] for r in rs]) for side, rs in runs.items()}
         direct["outside_train_loop_s"] = {k: round(v, 2) for k, v in outside.items()}

@@ -18,14 +18,14 @@ Measured: the peak RSS above the baseline (VmHWM − VmRSS at baseline), the pea
 (RssAnon: tensors, allocator) and file-backed memory (RssFile: the mapped safetensors, library pages
 touched for the first time), sampled every 2 ms by a thread, the peak during the load and during each
 step, and each step's CPU seconds (user, system) and minor page faults: CPU time, not wall time, prices
-an allocator setting on this shared machine (TRAPS 8), and system time is where page faults show.
+an allocator setting on this shared machine (docs/traps.md §8), and system time is where page faults show.
 The allocator is glibc's default (what ``loraflow`` runs with) unless ``--allocators`` names others
 (``ALLOCATORS``: an environment variable at process start, or ``mallopt`` in the process). The plan
 column is what ``loraflow plan`` computes for this CPU: live tensors + glibc's retention + the runtime
 (``loraflow/planner/estimates.py``); ``FIT_MODELS``/``FIT_POINT`` mark the points its two CPU constants
 were measured on.
 
-Medians over ``--repeats`` runs (machine noise is real, TRAPS 8).
+Medians over ``--repeats`` runs (machine noise is real, docs/traps.md §8).
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="plan-memory-models-") as tmp:
             models = build_models(Path(tmp))
             wanted = args.models.split(",")
-            for rep in range(args.repeats):  # alternate the cases within each repeat (TRAPS 8)
+            for rep in range(args.repeats):  # alternate the cases within each repeat (docs/traps.md §8)
                 for name in wanted:
                     for batch, seq in _points(args.points):
                         for method in args.methods.split(","):

@@ -8,7 +8,7 @@ Same model (a random-init ~5M-parameter Llama with the embedded base's tokenizer
 downloaded), same data (``--records`` alpaca records of log-normal length, prepared once by loraflow),
 same knobs (QLoRA NF4 + double quant, r=16, alpha=32, q/v, batch 8, one epoch, lr 1e-3, max_length
 256) and so the same supervised tokens. Each run is a fresh process; the two sides alternate, and
-the table shows medians (this machine has minutes-long slow spells: TRAPS.md 8). Throughput is
+the table shows medians (this machine has minutes-long slow spells: docs/traps.md §8). Throughput is
 supervised (answer + EOS) tokens per second of ``trainer.train``; model loading is not counted.
 ``--hidden``/``--layers`` size the model (intermediate 4x hidden, heads of 32): a bigger
 one spends more of each step on its tokens and less on per-step costs.

@@ -6,9 +6,13 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from loraflow.tasks import runner
 
 from loraflow.config import Config, load_config
 from loraflow.errors import ConfigError, LoraflowError
@@ -16,8 +20,6 @@ from loraflow.paths import Paths
 from loraflow.track import tracking
 
 DEFAULT_TRAIN_DEPLOYMENT = "train/gpu"
-# Workers' logs are files: no artifact progress bars there (the CLI sets the same).
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow error codes that no retry can fix (a transient failure is a timeout, a 5xx, a refused connection).
 PERMANENT_MLFLOW_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                            "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE")
@@ -32,7 +34,42 @@ def plain(result: Any) -> dict[str, Any]:
 
 
 def tracker(root: str, run_id: str | None) -> tracking.Tracker:
-    return tracking.resume(Paths.at(root), run_id) if run_id else tracking.NullTracker()
+    return runner.tracker_for(Paths.at(root), run_id)
+
+
+@contextmanager
+def stage_logs() -> Iterator[None]:
+    """Stage messages (``loraflow.messages``) also into the Prefect run's log, so the UI shows what
+    the terminal shows: the flow run's, or the task run's while a task runs."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    from loraflow import messages
+
+    class ToPrefect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                get_run_logger().info(record.getMessage())
+            except MissingContextError:
+                pass
+
+    if any(type(h).__name__ == "ToPrefect" for h in messages.LOGGER.handlers):
+        yield  # an in-process subflow of a flow that already forwards them
+        return
+    handler = ToPrefect()
+    messages.LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        messages.LOGGER.removeHandler(handler)
+
+
+def quiet_worker() -> None:
+    """Called as a flow starts (never at import): a worker's logs are files, so no artifact progress
+    bars there (the CLI sets the same for its own runs)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def as_config(value: Config | dict[str, Any] | None, params: str | None = None,
@@ -62,9 +99,7 @@ def _as_config(value: Config | dict[str, Any] | None, params: str | None, overri
     return load_config(params, list(overrides or []))
 
 
-def label(cfg: Config) -> str:
-    """``r=16 α=32 qlora``: what a run trains, for flow and task run names."""
-    return f"r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}"
+label = runner.label  # ``r=16 α=32 qlora``: what a run trains, for flow and task run names
 
 
 def run_name(prefix: str) -> Any:

@@ -13,24 +13,16 @@ it into ``outputs/adapter/`` for evaluate and merge. The flows pass run ids, nev
 Caching: prepare is keyed on the data section, the model (its tokenizer counts tokens), the raw
 data's digest, the code digest and the project folder; training on the training-relevant config,
 the prepared data's digest, the code digest and the MLflow store. Both also on the base's weights
-(``loraflow.basedigest``: a folder's files by sha256, a hub id's cached commit), not only its
+(``loraflow.fingerprint``: a folder's files by sha256, a hub id's cached commit), not only its
 name. A re-run with nothing changed skips both (task state ``Cached``), says so in the log, and
 tags the MLflow run.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.logging import get_run_logger
-
-import loraflow.tasks.evaluate
-import loraflow.tasks.merge
-import loraflow.tasks.prepare
-import loraflow.tasks.register
 from loraflow.flows.common import (
     DEFAULT_TRAIN_DEPLOYMENT,
     as_config,
@@ -39,17 +31,24 @@ from loraflow.flows.common import (
     mlflow_link,
     plain,
     publish,
+    quiet_worker,
     redact_stored_parameters,
     retrying,
     run_name,
+    stage_logs,
     table,
 )
 from loraflow.flows.common import (
     tracker as _tracker,
 )
+from loraflow.tasks import runner
+from prefect import flow, task
+from prefect.logging import get_run_logger
+
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
-from loraflow.fingerprint import base_digest, code_digest, dvc_lock_digest, git_commit
+from loraflow.fingerprint import base_digest, code_digest
+from loraflow.messages import note
 from loraflow.paths import Paths
 from loraflow.secretref import externalize
 from loraflow.track import handoff, tracking
@@ -147,7 +146,7 @@ def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
 
 @task(name="prepare", cache_key_fn=prepare_key, persist_result=True)
 def prepare_task(config: Config, root: str) -> dict[str, Any]:
-    return plain(loraflow.tasks.prepare.run(config, Paths.at(root)))
+    return plain(runner.run_stage("prepare", config, Paths.at(root)))
 
 
 @task(name="upload prepared data")
@@ -182,19 +181,19 @@ def download_adapter_task(root: str, run_id: str) -> None:
 
 @task(name="evaluate", task_run_name="evaluate base vs tuned", cache_key_fn=evaluate_key, persist_result=True)
 def evaluate_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    result = plain(loraflow.tasks.evaluate.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(runner.run_stage("evaluate", config, Paths.at(root), _tracker(root, run_id)))
     return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "evaluate")}
 
 
 @task(name="merge", task_run_name="merge into {config.merge.base} base", cache_key_fn=merge_key, persist_result=True)
 def merge_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    result = plain(loraflow.tasks.merge.run(config, Paths.at(root), _tracker(root, run_id)))
+    result = plain(runner.run_stage("merge", config, Paths.at(root), _tracker(root, run_id)))
     return {**result, "mlflow_run_id": run_id, "outputs": _outputs(Paths.at(root), "merge")}
 
 
 @task(name="register", task_run_name="register {config.register.model_name}")
 def register_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return plain(loraflow.tasks.register.run(config, Paths.at(root), _tracker(root, run_id)))
+    return plain(runner.run_stage("register", config, Paths.at(root), _tracker(root, run_id)))
 
 
 # --------------------------------------------------------------------------------------------- training elsewhere
@@ -267,10 +266,10 @@ def _lint(config: Config, paths: Paths, tracker: tracking.MlflowTracker) -> None
         found = planner.lints(config, paths, planner.plan(config, paths, with_lints=False),
                               current_run_id=tracker.run_id)
     except LoraflowError as e:  # a plan that cannot be made must not stop a run that may still fit
-        print(f"loraflow: plan: {e}", file=sys.stderr)
+        note("loraflow", f"plan: {e}")
         return
     for lint in found:
-        print(f"loraflow: {lint.level} [{lint.id}]: {lint.message}", file=sys.stderr)
+        note("loraflow", f"{lint.level} [{lint.id}]: {lint.message}")
     tracker.set_tags({"lints": ",".join(x.id for x in found) or "none"})
 
 
@@ -292,6 +291,12 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
     parametrised as JSON; Python callers may pass ``config`` instead. ``root``: the project folder
     (default: the folder of ``params``, else the working directory).
     """
+    quiet_worker()
+    with stage_logs():
+        return _finetune(params, overrides, root, config)
+
+
+def _finetune(params: str | None, overrides: list[str] | None, root: str | None, config: Config | None) -> dict[str, Any]:
     cfg = as_config(config, params if config is None else None, overrides)
     root = str(Path(root).resolve() if root else Path(params).resolve().parent if params and config is None
                else Path.cwd())
@@ -314,18 +319,13 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
     if prepared_cached:
         log.info(f"prepare skipped: cached (same data, data section, tokenizer and code); {paths.prepared} is current")
 
-    tracker = tracking.start_run(
-        paths, cfg.register.model_name, f"finetune {label(cfg)}",
-        tags={"git_commit": git_commit(paths.root), **({"dvc_lock_digest": d} if (d := dvc_lock_digest(paths.root)) else {}),
-              **_prefect_tags()},
-    )
+    tracker = runner.open_run(cfg, paths, "finetune", tags=_prefect_tags())
     run_id = tracker.run_id
     out["mlflow_run_id"] = run_id
-    ok = False
-    try:
+    with runner.finishing(tracker, end=True):
         tracker.log_params({f"config.{k}": v for k, v in cfg.flat().items()})
         tracker.set_tags({"prepare_cached": str(prepared_cached).lower(), "train_on": deployment or "in-process"})
-        tracker.log_artifact(paths.report("prepare"), "reports")
+        tracker.log_artifact(paths.report("prepare"), "reports")  # prepare ran before the run was opened
         data_digest = retrying(upload_prepared_task, cfg).with_options(
             task_run_name=f"upload prepared/ to run {run_id[:8]}")(root, run_id)
         _publish_prepare(out["prepare"], paths, run_id)
@@ -336,13 +336,8 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
         out["merge"] = _cached_stage(merge_task, "merge", cfg, paths, tracker)
         out["register"] = retrying(register_task, cfg)(cfg, root, run_id)
         _publish_register(out["register"], paths, run_id)
-        for name in ("train", "evaluate", "merge", "register"):
-            tracker.log_artifact(paths.report(name), "reports")
         for extra in (paths.samples, paths.train_log, paths.label_audit):
             tracker.log_artifact(extra, "reports")
-        ok = True
-    finally:
-        tracking.finish(tracker, ok)
     return out
 
 
@@ -368,6 +363,7 @@ def _train(cfg: Config, paths: Paths, run_id: str, data_digest: str, deployment:
         tracker.log_params({k: v for k, v in old.params.items() if k in TRAIN_PARAMS})
         if "train_loss" in old.metrics:
             tracker.log_metrics({"train_loss": old.metrics["train_loss"]}, step=result.get("steps"))
+        tracker.log_artifact(paths.report("train"), "reports")  # the runner logs it where training ran
     if state.name == "Cached" or deployment:
         retrying(download_adapter_task, cfg).with_options(task_run_name=f"download adapter/ of run {source[:8]}")(
             root, source)
@@ -404,6 +400,7 @@ def _cached_stage(task_obj: Any, stage: str, cfg: Config, paths: Paths, tracker:
                               f"reusing the result of MLflow run {source}")
         tracker.set_tags({f"{stage}_cached_from": source})
         tracker.log_metrics({k: v for k, v in CACHED_METRICS[stage](result).items() if v is not None})
+        tracker.log_artifact(paths.report(stage), "reports")  # the runner logs it where the stage ran
     return result
 
 

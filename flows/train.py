@@ -5,7 +5,7 @@ It shares no disk with the pipeline. Given the pipeline's MLflow run id and the 
     downloads runs:/<id>/prepared/  ->  trains (CUDA when present, else CPU)  ->  uploads adapter/
 
 and logs into that same MLflow run. Its return value is for in-process callers only: across
-workers Prefect results are not shared (TRAPS 9), so the pipeline reads ``reports/train.json``
+workers Prefect results are not shared (docs/traps.md §9), so the pipeline reads ``reports/train.json``
 back from the MLflow run instead.
 
 The working folder is ``$LORAFLOW_WORK_DIR/<run id>`` (default ``~/.cache/loraflow/work``): a
@@ -18,22 +18,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.logging import get_run_logger
-
-import loraflow.tasks.train
 from loraflow.flows.common import (
     as_config,
     label,
     mlflow_link,
     plain,
     publish,
+    quiet_worker,
     redact_stored_parameters,
     retrying,
     run_name,
+    stage_logs,
     table,
     tracker,
 )
+from loraflow.tasks import runner
+from prefect import flow, task
+from prefect.logging import get_run_logger
+
 from loraflow.config import Config
 from loraflow.paths import Paths
 from loraflow.track import handoff
@@ -98,7 +100,7 @@ def deadline_callback(seconds: float) -> Any:
 def train_stage(config: Config, root: str, run_id: str) -> dict[str, Any]:
     """The train stage; a retry re-enters it and it resumes from its last checkpoint in outputs/checkpoints."""
     callbacks = [deadline_callback(config.orchestration.train_timeout_s), *EXTRA_CALLBACKS]
-    return plain(loraflow.tasks.train.run(config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
+    return plain(runner.run_stage("train", config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
 
 
 @task(name="upload adapter")
@@ -113,6 +115,12 @@ def train(run_id: str, config: dict[str, Any], root: str | None = None) -> dict[
     ``root``: the project folder to work in; default ``$LORAFLOW_WORK_DIR/<run_id>`` (a folder of
     its own, filled from MLflow). In-process the pipeline passes its own root and nothing is copied.
     """
+    quiet_worker()
+    with stage_logs():
+        return _train(run_id, config, root)
+
+
+def _train(run_id: str, config: dict[str, Any], root: str | None) -> dict[str, Any]:
     cfg = as_config(config)
     redact_stored_parameters()  # the config parameter may hold a password in a URI
     root = root or work_dir(run_id)

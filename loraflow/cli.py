@@ -234,7 +234,7 @@ class _TemporaryServer:
     """Prefect's temporary server, started before anything is imported, and stopped at exit.
 
     Without a configured server the flow's first API call starts one (``SubprocessASGIServer``) and
-    waits for it: 8-12 s here (TRAPS 6), a subprocess that imports the server and opens its database,
+    waits for it: 8-12 s here (docs/traps.md §6), a subprocess that imports the server and opens its database,
     after this process has already spent seconds importing the server module itself just to start
     it. Spawned first, with the same command, it boots on another core while this process imports
     the flow and opens the MLflow store; the flow then gets its URL as ``PREFECT_API_URL`` for the
@@ -392,9 +392,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace, cfg, paths) -> int:
-    from loraflow.track import tracking
-    from loraflow.track.lineage import read_report
-
     if args.name == "base-digest":  # dvc.yaml's always-changed stage: which weights model.base is now
         from loraflow.fingerprint import write_digest_file
 
@@ -411,33 +408,9 @@ def _stage(args: argparse.Namespace, cfg, paths) -> int:
             return 0
         print(base_location(cfg, paths))
         return 0
-    if args.name == "prepare":
-        import loraflow.tasks.prepare
+    from loraflow.tasks import runner
 
-        loraflow.tasks.prepare.run(cfg, paths)
-        return 0
-    import importlib
-
-    stage = importlib.import_module(f"loraflow.tasks.{args.name}")
-    if args.name == "train":
-        from loraflow.fingerprint import dvc_lock_digest, git_commit
-
-        tags = {"git_commit": git_commit(paths.root)}  # the contract's run tags, as the flow sets them
-        if lock := dvc_lock_digest(paths.root):
-            tags["dvc_lock_digest"] = lock
-        tracker = tracking.start_run(paths, cfg.register.model_name,
-                                     f"train r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}", tags=tags)
-    else:
-        run_id = read_report(paths, "train").get("mlflow_run_id")
-        tracker = tracking.resume(paths, run_id) if run_id else tracking.NullTracker()
-    ok = False
-    try:
-        stage.run(cfg, paths, tracker)
-        tracker.log_artifact(paths.report(args.name), "reports")
-        ok = True
-    finally:
-        if args.name == "train" or not ok:
-            tracking.finish(tracker, ok)
+    runner.run_one(args.name, cfg, paths)
     return 0
 
 

@@ -24,6 +24,12 @@ def stage(name: str) -> None:
     _emit(f"==> {name}")
 
 
+def say_block(text: str) -> None:
+    """A block of lines shown as it is (the label audit's sample)."""
+    for line in text.rstrip("\n").splitlines():
+        _emit(line)
+
+
 def note(where: str, msg: str) -> None:
     """A line that names its source: ``prepare: read 2,000 records ...``."""
     _emit(f"{where}: {msg}")

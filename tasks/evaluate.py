@@ -3,7 +3,7 @@
     loraflow stage evaluate            # what dvc.yaml calls; reports/evaluate.json, reports/samples.jsonl
 
 One model in memory: the base loaded the way it was trained (4-bit NF4 for QLoRA, the CPU repack
-disabled, TRAPS.md 1) with the adapter attached; "base" is that model with the adapter disabled.
+disabled, docs/traps.md §1) with the adapter attached; "base" is that model with the adapter disabled.
 Loss is token-weighted over the whole test split, with the training convention (completion + EOS
 scored, prompt masked). Exact match and token F1 are means over greedy generations of the first
 ``eval.num_samples`` test records (0 = all), from the prompts exactly as prepared.
@@ -12,7 +12,6 @@ scored, prompt masked). Exact match and token F1 are means over greedy generatio
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 from loraflow.atomic import write_json, write_jsonl
@@ -20,6 +19,7 @@ from loraflow.config import Config
 from loraflow.data.splits import load_split
 from loraflow.data.textmetrics import exact_match, mean, token_f1
 from loraflow.errors import DataError
+from loraflow.messages import say, stage
 from loraflow.model.adapters import load_adapter_tokenizer, load_tuned, require_adapter
 from loraflow.model.generation import completion_loss, greedy_generate
 from loraflow.paths import Paths
@@ -43,7 +43,7 @@ class EvaluateResult:
 
 def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> EvaluateResult:
     """Evaluate base and tuned on the test split; write the reports; log ``eval_*`` and ``base_eval_*``."""
-    print("==> evaluate", file=sys.stderr)
+    stage("evaluate")
     require_adapter(paths)
     rows = load_split(paths, "test")
     if not rows:
@@ -82,7 +82,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Evaluate
     if figure is not None:
         tracker.log_figure(figure, LOSS_PLOT)
     for name in cfg.eval.metrics:
-        print(f"    {name:12s} base {_fmt(base.get(name))}  tuned {_fmt(tuned.get(name))}", file=sys.stderr)
+        say(f"{name:12s} base {_fmt(base.get(name))}  tuned {_fmt(tuned.get(name))}")
     return EvaluateResult(base, tuned, len(samples), loss_tokens, str(paths.report("evaluate")), str(paths.samples))
 
 

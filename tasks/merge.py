@@ -3,10 +3,10 @@
     loraflow stage merge               # what dvc.yaml calls; outputs/merged/, reports/merge.json
     loraflow stage merge -s merge.base=original
 
-Never into 4-bit weights: that re-quantizes the sum, 0.13-0.24 relative logit error (TRAPS.md 2).
+Never into 4-bit weights: that re-quantizes the sum, 0.13-0.24 relative logit error (docs/traps.md §2).
 A QLoRA adapter was trained against the NF4 base, so by default (``merge.base: dequantized``) the
 4-bit base is loaded exactly as training loaded it and every ``Linear4bit`` is dequantized into
-an fp32 copy of the model, before any forward touches it (TRAPS.md 1); merging there gives a
+an fp32 copy of the model, before any forward touches it (docs/traps.md §1); merging there gives a
 model that computes what was trained and evaluated (|Δlogit| ~1e-7 here). ``original`` merges
 into the original fp32 weights instead, which differs from the trained model by the base's own
 quantization error. A plain LoRA adapter was trained on the full-precision base: both mean that.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from loraflow.atomic import atomic_dir, write_json
 from loraflow.config import Config
 from loraflow.data.splits import load_split
 from loraflow.errors import DataError, LoraflowError
+from loraflow.messages import say, stage
 from loraflow.model import loading
 from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
 from loraflow.model.generation import completion_loss, encode_example
@@ -58,7 +58,7 @@ class MergeResult:
 
 def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeResult:
     """Merge ``outputs/adapter`` into a full-precision base; write ``outputs/merged`` and ``reports/merge.json``."""
-    print("==> merge", file=sys.stderr)
+    stage("merge")
     require_adapter(paths)
     rows = load_split(paths, "test")
     if not rows:
@@ -74,7 +74,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
         quantized = loading.load_model(cfg, paths, quantized=True)
         if merge_base == "dequantized":
             n = dequantize_into(base, quantized)  # before any forward on the 4-bit model
-            print(f"    dequantized {n} NF4 layers to fp32", file=sys.stderr)
+            say(f"dequantized {n} NF4 layers to fp32")
         # The model as trained and evaluated: 4-bit base + adapter.
         trained_logits = _logits(attach_adapter(quantized, paths, cfg.model.allow_pickle), probe)
         del quantized
@@ -94,7 +94,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
     merged_logits = _logits(merged, probe)
     diff = _max_abs_diff(merged_logits, unmerged_logits, probe["mask"])
     diff_trained = _max_abs_diff(merged_logits, trained_logits, probe["mask"])
-    print(f"    max |merged - unmerged| logit {diff:.3g}; vs trained model {diff_trained:.3g}", file=sys.stderr)
+    say(f"max |merged - unmerged| logit {diff:.3g}; vs trained model {diff_trained:.3g}")
     if not diff <= cfg.merge.tolerance:  # NaN fails too
         raise LoraflowError(
             f"merge: merged and unmerged logits differ by {diff:.3g} > merge.tolerance {cfg.merge.tolerance:g}; "
@@ -123,8 +123,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
         | ({"merge_loss": loss} if loss is not None else {})
     )
     delta = f"{loss_delta:+.4f}" if loss_delta is not None else "n/a (run evaluate first)"
-    print(f"    merged test loss {loss}, vs tuned {delta}; forward {latency_merged:.1f} ms merged, "
-          f"{latency_base:.1f} ms base", file=sys.stderr)
+    say(f"merged test loss {loss}, vs tuned {delta}; forward {latency_merged:.1f} ms merged, "
+          f"{latency_base:.1f} ms base")
     return MergeResult(str(paths.merged), str(paths.report("merge")), merge_base, diff, diff_trained, loss,
                        loss_delta, latency_merged, latency_base)
 

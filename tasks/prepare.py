@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from loraflow.data.readers import find_source, read_records, too_long
 from loraflow.data.splits import SPLITS
 from loraflow.errors import DataError
 from loraflow.fingerprint import dataset_digest
+from loraflow.messages import note
 from loraflow.model.loading import load_tokenizer
 from loraflow.paths import Paths
 
@@ -235,4 +235,4 @@ def _percentile(sorted_values: list[int], p: float) -> int:
 
 
 def _log(line: str) -> None:
-    print(f"prepare: {line}", file=sys.stderr, flush=True)
+    note("prepare", line)

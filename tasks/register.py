@@ -8,7 +8,6 @@ Re-running with the same (data, params, code) registers nothing new.
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from loraflow.atomic import write_json
 from loraflow.config import Config
 from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from loraflow.errors import ModelError
+from loraflow.messages import say, stage
 from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
 from loraflow.paths import Paths
@@ -48,7 +48,7 @@ class RegisterResult:
 
 
 def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> RegisterResult:
-    print("==> register", file=sys.stderr)
+    stage("register")
     evaluation, merge = read_report(paths, "evaluate"), read_report(paths, "merge")
     if not evaluation or not merge or not (paths.merged / "config.json").exists():
         raise ModelError("register: no evaluated, merged model found; run `loraflow stage merge` first")
@@ -109,7 +109,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
         previous_champion=champ, model_uri=f"models:/{name}/{version}", run_id=tracker.run_id, lineage=tags,
     )
     write_json(paths.report("register"), asdict(result))
-    print(f"    {name} v{version} -> {', '.join(aliases)} ({decision.reason})", file=sys.stderr)
+    say(f"{name} v{version} -> {', '.join(aliases)} ({decision.reason})")
     return result
 
 
@@ -176,7 +176,7 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
                        "base_pinned_revision": config["base"].get("revision") or ""}
     else:
         artifacts = {"model": str(paths.merged)}
-    # Explicit requirements: inference would import torchvision to guess them (TRAPS.md 7).
+    # Explicit requirements: inference would import torchvision to guess them (docs/traps.md §7).
     reqs = [f"{p}=={md.version(p)}" for p in packages]
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "input", required=False)]),
@@ -243,15 +243,16 @@ def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a hub revision resolves to, from the local cache (no network); else the revision."""
-    try:
-        from huggingface_hub import snapshot_download
+    """The commit a hub revision resolves to in the local cache (``fingerprint.hub_commit``, no network);
+    else the revision as configured, said so."""
+    from loraflow.fingerprint import hub_commit
 
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
-    except Exception:  # not cached: pin what the config names
-        print(f"    warning: {repo_id} is not in the local hub cache; recording revision {revision or 'main'} "
-              "unresolved (set model.revision to a commit to pin it)", file=sys.stderr)
+    commit = hub_commit(repo_id, revision)
+    if commit is None:
+        say(f"warning: {repo_id} is not in the local hub cache; recording revision {revision or 'main'} "
+            "unresolved (set model.revision to a commit to pin it)")
         return revision
+    return commit
 
 
 def _register(cl: Any, name: str, info: Any, run_id: str, tags: dict[str, str]) -> str:
@@ -269,7 +270,7 @@ def _register(cl: Any, name: str, info: Any, run_id: str, tags: dict[str, str]) 
 
 
 def _already_registered(cl: Any, name: str, mv: Any, cfg: Config, paths: Paths) -> RegisterResult:
-    print(f"    {name} v{mv.version} already holds this data, params and code; nothing registered", file=sys.stderr)
+    say(f"{name} v{mv.version} already holds this data, params and code; nothing registered")
     result = _result_for_existing(cl, name, mv, cfg)
     write_json(paths.report("register"), asdict(result))
     return result

@@ -10,7 +10,6 @@ seed → data → tokenizer → model (4-bit NF4 for QLoRA) → LoRA on the reso
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from loraflow.atomic import atomic_dir, atomic_file, write_json
 from loraflow.config import Config
 from loraflow.errors import DataError
+from loraflow.messages import say, say_block, stage
 from loraflow.paths import Paths
 from loraflow.track.tracking import NullTracker, Tracker
 
@@ -52,12 +52,11 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     from loraflow import planner
     from loraflow.data.splits import load_split
     from loraflow.fingerprint import file_md5
-    from loraflow.messages import say
     from loraflow.model import loading, quant
     from loraflow.model.targets import resolve_targets
     from loraflow.train import callbacks, checkpoints, label_audit, lora, memory, rankcheck, sft
 
-    print("==> train", file=sys.stderr, flush=True)
+    stage("train")
     started = time.perf_counter()
     set_seed(cfg.train.seed)
 
@@ -98,7 +97,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     audit = label_audit.audit_labels(trainer, tokenizer, train_rows, cfg.data.max_length)
     with atomic_file(paths.label_audit) as fh:
         fh.write(audit.text)
-    print(audit.text, file=sys.stderr, end="", flush=True)
+    say_block(audit.text)
 
     # resume only from a checkpoint of this same setup; anything else starts over
     fp = checkpoints.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
@@ -125,7 +124,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
 
     eval_loss = None
     if val_rows:
-        # Safe on the 4-bit model: load_model turned the CPU repack off (TRAPS 1).
+        # Safe on the 4-bit model: load_model turned the CPU repack off (docs/traps.md §1).
         with memory.out_of_memory_as_error(cfg, paths, method):
             eval_loss = float(trainer.evaluate()["eval_loss"])
         say(f"eval_loss {eval_loss:.4f} on {len(val_rows)} val examples")

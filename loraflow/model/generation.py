@@ -161,7 +161,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token; call modeling.ensure_pad_token first")
+        raise ValueError("tokenizer has neither a pad nor an EOS token; call loading.ensure_pad_token first")
     return int(pad)
 
 

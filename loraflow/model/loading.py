@@ -82,7 +82,7 @@ def compute_dtype(cfg: Config) -> "torch.dtype":
 
     On a CPU without native bf16 every bf16 matmul is emulated: the tutorial's
     ``bnb_4bit_compute_dtype=bfloat16`` trained ~15x slower than fp32 on such a CPU here, while bf16
-    autocast was 1.52x faster than fp32 on CPUs that have AVX512-BF16 (TRAPS 4).
+    autocast was 1.52x faster than fp32 on CPUs that have AVX512-BF16 (docs/traps.md §4).
     """
     import torch
 

@@ -43,7 +43,7 @@ def disable_cpu_repack(model: "torch.nn.Module") -> int:
     """Stop bitsandbytes from repacking NF4 weights in place on an eval-mode CPU forward.
 
     On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode rewrites the weight into a
-    CPU-only layout; afterwards backward and merging are silently wrong (TRAPS.md 1).
+    CPU-only layout; afterwards backward and merging are silently wrong (docs/traps.md §1).
     Returns the number of 4-bit layers touched.
     """
     import bitsandbytes as bnb
@@ -64,7 +64,7 @@ def count_4bit_layers(model: "torch.nn.Module") -> int:
 
 
 def release_checkpoint_mapping(model: "torch.nn.Module") -> int:
-    """Drop the memory-mapped weight files a 4-bit CPU load leaves behind (TRAPS 5); returns tensors moved.
+    """Drop the memory-mapped weight files a 4-bit CPU load leaves behind (docs/traps.md §5); returns tensors moved.
 
     transformers reads safetensors through one mmap per file and quantizes each linear weight from
     it; the parameters it keeps unquantized (embeddings, LM head, norms) stay *views* of that mapping,
@@ -161,7 +161,7 @@ def dequantize_into(target: "torch.nn.Module", quantized: "torch.nn.Module") -> 
     Every ``Linear4bit`` weight becomes exactly the matrix its forward multiplies by
     (``dequantize_4bit``, as bitsandbytes' CPU and GPU matmuls do), in fp32; every other parameter
     (embeddings, norms, lm_head) is copied too, so a base loaded in bf16 compute is matched as well.
-    Refuses weights that bitsandbytes repacked for CPU inference (TRAPS.md 1): that layout is not
+    Refuses weights that bitsandbytes repacked for CPU inference (docs/traps.md §1): that layout is not
     what was trained, and the in-place repack already rounded the scales to bf16.
     ``quantized`` may carry LoRA wrappers (a PeftModel's base): their base layers are used.
     Returns the number of 4-bit layers dequantized.
@@ -178,8 +178,8 @@ def dequantize_into(target: "torch.nn.Module", quantized: "torch.nn.Module") -> 
             state = module.weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):
                 raise ModelError(
-                    f"merge: {name} was repacked for CPU inference by an eval-mode forward (TRAPS.md 1); "
-                    "load the 4-bit base afresh with modeling.load_model (which disables the repack) and merge that"
+                    f"merge: {name} was repacked for CPU inference by an eval-mode forward (docs/traps.md §1); "
+                    "load the 4-bit base afresh with loading.load_model (which disables the repack) and merge that"
                 )
             weight = bnb.functional.dequantize_4bit(module.weight.data, state).to(torch.float32)
             dest = target.get_submodule(_unwrapped(name))

@@ -32,7 +32,7 @@ from loraflow.planner.shapes import Linear, ModelShape, model_shape, read_config
 __all__ = [
     "plan", "lints", "cli", "strict_check", "detect_device", "memory_estimates",
     "Plan", "Lint", "Device", "Memory", "DataSize", "ModelShape", "LINT_IDS", "HEADROOM",
-    "last_tracked_lora", "model_shape", "resolve_targets",
+    "last_tracked_lora", "model_shape", "resolve_targets", "resolve_method",
 ]
 
 STRICT_EXIT = 3  # --strict with warnings: distinct from user errors (1, 2)
@@ -94,6 +94,17 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         mapped_bytes=est.mapped_checkpoint_bytes(shape, method, device.kind, _checkpoint_bytes(config)),
     )
     return replace(result, lints=lints(cfg, paths, result)) if with_lints else result
+
+
+def resolve_method(cfg: Config, paths: Paths) -> tuple[str, str]:
+    """The method training uses, ``qlora`` or ``lora``, and why.
+
+    ``auto`` asks the planner (the seed's guide: plain LoRA when the 16-bit base fits comfortably).
+    """
+    if cfg.method != "auto":
+        return cfg.method, f"method: {cfg.method} as configured"
+    p = plan(cfg, paths, with_lints=False)
+    return p.method, p.method_reason
 
 
 def memory_estimates(

@@ -152,17 +152,21 @@ def _local_store(uri: str) -> Path | None:
 
 @contextmanager
 def _no_retries():
-    """A tracking server that is down should cost the planner a second, not minutes of retries."""
+    """A tracking server that is down should cost the planner a second, not minutes of retries.
+
+    Set, not defaulted: the lookup is advice, so no retry setting (loraflow's or the user's) should
+    make ``loraflow plan`` wait for it. Put back afterwards."""
     keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     saved = {k: os.environ.get(k) for k in keys}
-    for k, v in keys.items():
-        os.environ.setdefault(k, v)
+    os.environ.update(keys)
     try:
         yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _duration(seconds: float) -> str:

@@ -248,7 +248,7 @@ def compute_bytes(compute_dtype: str, native_bf16: bool) -> int:
 
     ``auto`` is what ``loraflow.model.loading.compute_dtype`` picks: bf16 where the device computes it
     natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32 (emulated bf16 is far slower there,
-    TRAPS 4); an explicit dtype is taken as given.
+    docs/traps.md §4); an explicit dtype is taken as given.
     """
     if compute_dtype == "auto":
         return 2 if native_bf16 else 4
@@ -256,11 +256,11 @@ def compute_bytes(compute_dtype: str, native_bf16: bool) -> int:
 
 
 def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, checkpoint_bytes: int = 4) -> float:
-    """File-backed memory a CPU QLoRA *load* holds: the checkpoint it reads to quantize (TRAPS 5).
+    """File-backed memory a CPU QLoRA *load* holds: the checkpoint it reads to quantize (docs/traps.md §5).
 
     On a CPU transformers loads safetensors through mmap: a 4-bit load reads every weight through
     that mapping, so while it loads the file's pages (``checkpoint_bytes·P``; fp32: 4) are in the
-    process's RSS besides the NF4 copies being made. ``modeling.release_checkpoint_mapping`` then
+    process's RSS besides the NF4 copies being made. ``quant.release_checkpoint_mapping`` then
     copies the few tensors that still view the file (head, norms; the input embedding gets a mapping
     of its own bytes, read row by row as in LoRA) and the mapping goes: training holds no more of it
     (before that release the linear weights, 4·P_q, stayed resident for

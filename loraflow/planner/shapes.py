@@ -89,7 +89,7 @@ def read_config(cfg: Config, paths: Paths) -> tuple["PretrainedConfig", str]:
 
 
 def _embedded_config() -> "PretrainedConfig":
-    """The embedded base's config without building it: ``basemodel.base_config()`` when it
+    """The embedded base's config without building it: ``embedded.base_config()`` when it
     exists, else ``LlamaConfig(vocab_size=VOCAB_SIZE, **ARCH)`` from its published constants."""
     import importlib
 

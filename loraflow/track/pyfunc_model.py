@@ -39,7 +39,7 @@ _SHA_CACHE: dict[tuple, str] = {}
 def weights_sha256(folder: str | Path) -> str:
     """sha256 over the ``*.safetensors`` files of a model folder (relative names and bytes, in order).
 
-    Not ``loraflow.basedigest``'s per-file hashes: this file is the logged model's code and runs
+    Not ``loraflow.fingerprint``'s per-file hashes: this file is the logged model's code and runs
     where loraflow is not installed, so it imports nothing of loraflow.
     """
     folder = Path(folder)
@@ -200,7 +200,7 @@ def _load_base(config: dict[str, Any], meta: dict[str, Any]) -> Any:
         kwargs["dtype"] = compute
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if quant:
-        # bitsandbytes repacks NF4 weights in place on an eval-mode CPU forward (TRAPS.md 1); the
+        # bitsandbytes repacks NF4 weights in place on an eval-mode CPU forward (docs/traps.md §1); the
         # evaluate stage turned that off, so the served model computes what was evaluated.
         import bitsandbytes as bnb
 

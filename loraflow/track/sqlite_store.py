@@ -2,7 +2,7 @@
 
 MLflow creates a new sqlite store's tables by replaying every alembic migration since its first
 release: 2.4 s on this CPU, at the start of a project's first ``loraflow run`` (where nothing
-else can overlap it: TRAPS 6) and in every test that opens a new store. The result is the same
+else can overlap it: docs/traps.md §6) and in every test that opens a new store. The result is the same
 empty schema each time for one MLflow version, so loraflow builds it once per version, with
 MLflow's own function, into ``~/.cache/loraflow/`` and copies it to a new store's path. MLflow
 then finds its tables at the head revision (it checks, as for any existing store) and adds the

@@ -67,9 +67,16 @@ def tracking_uri(paths: Paths) -> str:
 
 
 # MLflow's HTTP client retries a refused connection for minutes by default (7 retries, backoff
-# factor 2, 120 s timeouts). Bounded here, before mlflow reads them: about 2+4+8 = 14 s of backoff.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# factor 2, 120 s timeouts). loraflow bounds them (about 2+4+8 = 14 s of backoff) unless the user set them.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def bound_http_retries() -> None:
+    """Set loraflow's retry bounds where the user has not (MLflow reads them at each request).
+
+    Called by ``client()`` and the CLI, never at import: importing a module changes nothing."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def require_reachable(paths: Paths, timeout: float = 5.0) -> None:
@@ -161,7 +168,7 @@ RUN_HOST_TAG, RUN_PID_TAG = "loraflow.host", "loraflow.pid"
 
 # Per-step metrics (``log_metrics(..., step=N)``) are sent in batches: at most this many seconds
 # late, and at once on the first one, on a final metric (no step), an artifact and ``finish``. One
-# log_batch per logged training step cost 15-60 ms each here (TRAPS 6: 100 log_metric calls 0.23 s
+# log_batch per logged training step cost 15-60 ms each here (docs/traps.md §6: 100 log_metric calls 0.23 s
 # vs one log_metrics 0.01 s); a 318-step default run logged 64 of them.
 METRICS_FLUSH_S = 10.0
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -289,6 +296,7 @@ def _param_str(v: Any) -> str:
 def client(paths: Paths) -> Any:
     from mlflow import MlflowClient
 
+    bound_http_retries()
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
         from loraflow.track import sqlite_store
@@ -360,7 +368,7 @@ def _device() -> str:
     """``cuda:<name> x<count>`` or ``cpu x<cores>``.
 
     Without a GPU device node torch cannot see a GPU, so torch is not imported to say so: a re-run
-    whose stages are all cached never needs torch, and importing it costs seconds (TRAPS 6)."""
+    whose stages are all cached never needs torch, and importing it costs seconds (docs/traps.md §6)."""
     if "torch" not in sys.modules and not any(Path(p).exists() for p in GPU_DEVICE_NODES):
         return f"cpu x{os.cpu_count()}"
     try:

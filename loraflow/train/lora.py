@@ -28,13 +28,13 @@ def attach_lora(
 
     with peft_quietly():
         if quantized:
-            # Casts norms to fp32, freezes the base, and turns on checkpointing only when asked (TRAPS 3).
+            # Casts norms to fp32, freezes the base, and turns on checkpointing only when asked (docs/traps.md §3).
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-            disable_cpu_repack(model)  # again, in case anything re-created a 4-bit layer (TRAPS 1)
+            disable_cpu_repack(model)  # again, in case anything re-created a 4-bit layer (docs/traps.md §1)
         return get_peft_model(model, _lora_config(model, cfg, targets))
 
 

@@ -5,7 +5,7 @@ each example, no ``attention_mask``): no padding token is ever computed. Each ex
 attend only to itself. transformers 5 detects such rows from ``position_ids`` and builds a
 block-diagonal mask for ``sdpa``/``eager`` (``masking_utils.find_packed_sequence_indices``), but that
 mask spans the whole row: attention costs (sum of lengths)^2 instead of sum(length^2), which made
-padding-free slower than length-grouped batches on CPU (TRAPS 4). ``loraflow_varlen`` is an attention
+padding-free slower than length-grouped batches on CPU (docs/traps.md §4). ``loraflow_varlen`` is an attention
 function that runs ``sdpa`` causally on each example of the row instead (what flash-attention's
 varlen kernel does on a GPU), so a packed batch costs the same attention as unpadded examples.
 

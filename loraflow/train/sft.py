@@ -49,7 +49,7 @@ def to_dataset(rows: list[dict]) -> "datasets.Dataset":
 def sft_config(
     cfg: Config, paths: Paths, compute_dtype: "torch.dtype", batching: str = "group_by_length"
 ) -> "SFTConfig":
-    """Every SFTConfig value that matters, set on purpose (TRAPS 3: its defaults differ from Trainer's).
+    """Every SFTConfig value that matters, set on purpose (docs/traps.md §3: its defaults differ from Trainer's).
 
     ``batching`` is the resolved layout (``choose_batching``): padding-free batches come from the collator
     ``build_trainer`` passes, so TRL's own ``padding_free`` stays off (it would refuse ``max_length``).
@@ -70,7 +70,7 @@ def sft_config(
             max_length=cfg.data.max_length,
             packing=False,
             padding_free=False,
-            # Padded batches: length-grouped ones carry far less padding on varied lengths (TRAPS 4: 2.4x on
+            # Padded batches: length-grouped ones carry far less padding on varied lengths (docs/traps.md §4: 2.4x on
             # CPU). Padding-free batches have none to save, and keep the plain shuffled batches.
             train_sampling_strategy="group_by_length" if batching == "group_by_length" else "random",
             # The optimization.

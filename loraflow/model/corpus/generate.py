@@ -1,4 +1,4 @@
-"""Write the embedded base model's corpus, ``loraflow/corpus/*.txt``, from the fact tables.
+"""Write the embedded base model's corpus, ``loraflow/model/corpus/*.txt``, from the fact tables.
 
     python -m loraflow.model.corpus.generate            # rewrite the files (deterministic)
     python -m loraflow.model.corpus.generate --check    # exit 1 if the files are stale

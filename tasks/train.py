@@ -54,7 +54,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     from loraflow.fingerprint import file_md5
     from loraflow.model import loading, quant
     from loraflow.model.targets import resolve_targets
-    from loraflow.train import callbacks, checkpoints, label_audit, lora, memory, rankcheck, sft
+    from loraflow.train import checkpoints, label_audit, lora, memory, rankcheck, sft
+    from loraflow.train.callbacks import LossBar, TrainLog, final_loss
 
     stage("train")
     started = time.perf_counter()
@@ -90,7 +91,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         tracker.log_dataset("prepared", params["dataset_digest"], _rel(paths, paths.prepared), "training")
 
     # trainer, and what it will train on
-    log = callbacks.TrainLog(paths.train_log, tracker)
+    log = TrainLog(paths.train_log, tracker)
     trainer = sft.build_trainer(
         cfg, paths, model, tokenizer, train_rows, val_rows, compute_dtype=cdtype, callbacks=[log, *(callbacks or [])]
     )
@@ -112,7 +113,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     if resume.done:
         checkpoints.load_checkpoint(trainer, resume.checkpoint)
     else:
-        bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.LossBar))
+        bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LossBar))
         try:
             with memory.out_of_memory_as_error(cfg, paths, method, trainer):  # one line with advice, not a crash
                 output = trainer.train(resume_from_checkpoint=resume.checkpoint)
@@ -146,7 +147,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         say(f"suggestion: {adapter_rank.suggestion}")
 
     result = TrainResult(
-        train_loss=callbacks.final_loss(trainer.state.log_history, cfg.train.logging_steps),
+        train_loss=final_loss(trainer.state.log_history, cfg.train.logging_steps),
         steps=steps,
         tokens=trainer.counts.total,
         supervised_tokens=trainer.counts.supervised,

@@ -100,6 +100,10 @@ def sft_config(
             eval_strategy="no",
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
+            # Without a GPU, say so: transformers refuses bf16 unless it trains on the CPU on purpose
+            # ("Your setup doesn't support bf16/gpu"), and compute_dtype auto is bf16 on CPUs with
+            # AVX512-BF16 or AMX (docs/traps.md §10). With use_cpu, bf16 runs as CPU autocast.
+            use_cpu=not torch.cuda.is_available(),
         )
     except ValueError as e:
         raise ConfigError(f"train: the trainer rejects this config ({str(e).strip().splitlines()[0]})") from None

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +29,7 @@ def _all_modules() -> list[str]:
     return names
 
 
+@pytest.mark.slow  # imports torch, transformers, prefect and mlflow in a fresh process: ~15 s
 def test_importing_every_module_changes_no_environment_and_writes_nothing(tmp_path):
     modules = _all_modules()
     assert "loraflow.track.tracking" in modules and "loraflow.flows.common" in modules

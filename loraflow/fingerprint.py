@@ -20,8 +20,9 @@
   them and the same bytes re-run nothing.
 - **Code.** ``code_digest``: the pipeline's own source. **Commit.** ``git_commit`` and
   ``dvc_lock_digest`` are lineage tags (where a model came from), not keys.
-- **A stage's inputs.** ``stage_inputs`` says, for each stage, what its result depends on; the
-  Prefect cache keys, training resume and the registry's lineage key are all digests of it.
+- Who keys on what (to be folded into one ``stage_inputs`` function, see docs/architecture.md): the
+  Prefect cache keys (``flows/finetune.py``), training resume (``train/checkpoints.fingerprint``) and the
+  registry's lineage key (``track/lineage.lineage_key``) all build on the digests above.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from typing import Any
 from loraflow.flows.common import (
     DEFAULT_TRAIN_DEPLOYMENT,
     as_config,
-    digest,
     label,
     mlflow_link,
     plain,
@@ -45,15 +44,14 @@ from loraflow.tasks import runner
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
+from loraflow import fingerprint
 from loraflow.config import Config
 from loraflow.errors import ConfigError, TrainingError
-from loraflow.fingerprint import base_digest, code_digest
 from loraflow.messages import note
 from loraflow.paths import Paths
 from loraflow.secretref import externalize
 from loraflow.track import handoff, tracking
 
-TRAIN_SECTIONS = ("model", "data", "method", "quantization", "lora", "train")
 TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
                 "quant_type", "double_quant", "compute_dtype", "trainable_params", "trainable_pct",
                 "dataset_digest", "max_length", "learning_rate")
@@ -62,69 +60,30 @@ TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "l
 # --------------------------------------------------------------------------------------------- cache keys
 
 
-def _source_digest(cfg: Config, root: Path) -> str | None:
-    from loraflow.fingerprint import dataset_digest, file_md5
-
-    given = Path(cfg.data.path).expanduser()
-    local = given if given.is_absolute() else root / given
-    if local.is_file():
-        return file_md5(local)
-    if local.is_dir():
-        return dataset_digest(local)
-    return None  # a hub dataset: no local content to key on, so no caching
-
-
 def prepare_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    cfg: Config = parameters["config"]
-    root = Paths.at(parameters["root"]).root
-    source = _source_digest(cfg, root)
-    if source is None:
-        return None
-    return "prepare-" + digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                                "source": source, "code": code_digest(), "root": str(root),
-                                "base": base_digest(cfg, Paths.at(root))})  # its weights, not only its name
+    """The prepare stage's inputs (``fingerprint.stage_inputs``), in this project (its outputs live there)."""
+    paths = Paths.at(parameters["root"])
+    inputs = fingerprint.stage_inputs("prepare", parameters["config"], paths)
+    return None if inputs is None else "prepare-" + fingerprint.key(inputs | {"root": str(paths.root)})
 
 
 def train_key(context: Any, parameters: dict[str, Any]) -> str:
-    cfg: Config = parameters["config"]
-    dump = cfg.model_dump(mode="json")
+    """The train stage's inputs, in this MLflow store (the adapter is handed over there)."""
     paths = Paths.at(parameters["root"])
-    return "train-" + digest({"config": {k: dump[k] for k in TRAIN_SECTIONS}, "data": parameters["dataset_digest"],
-                              "code": code_digest(), "mlflow": tracking.tracking_uri(paths),
-                              "base": base_digest(cfg, paths)})  # new weights at the same path train again
-
-
-def _after_training(cfg: Config, paths: Paths) -> dict[str, Any] | None:
-    """What evaluate and merge read besides their own config section: the adapter (its bytes), the
-    test split, the base (its weights), the code; None (no caching) without an adapter or test split."""
-    from loraflow.fingerprint import dataset_digest, file_md5
-
-    test = paths.split("test")
-    if not (paths.adapter / "adapter_config.json").exists() or not test.exists():
-        return None
-    return {"adapter": dataset_digest(paths.adapter), "test": file_md5(test), "model": cfg.model.model_dump(mode="json"),
-            "base": base_digest(cfg, paths), "max_length": cfg.data.max_length, "code": code_digest(),
-            "root": str(paths.root)}
+    inputs = fingerprint.stage_inputs("train", parameters["config"], paths, dataset=parameters["dataset_digest"])
+    return "train-" + fingerprint.key(inputs | {"mlflow": tracking.tracking_uri(paths)})
 
 
 def evaluate_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    cfg: Config = parameters["config"]
-    inputs = _after_training(cfg, Paths.at(parameters["root"]))
-    return None if inputs is None else "evaluate-" + digest({**inputs, "eval": cfg.eval.model_dump(mode="json")})
+    paths = Paths.at(parameters["root"])
+    inputs = fingerprint.stage_inputs("evaluate", parameters["config"], paths)
+    return None if inputs is None else "evaluate-" + fingerprint.key(inputs | {"root": str(paths.root)})
 
 
 def merge_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Also the evaluate report: merge compares its merged loss with the tuned loss there."""
-    from loraflow.fingerprint import file_md5
-
-    cfg: Config = parameters["config"]
     paths = Paths.at(parameters["root"])
-    inputs = _after_training(cfg, paths)
-    if inputs is None:
-        return None
-    evaluated = file_md5(paths.report("evaluate")) if paths.report("evaluate").exists() else None
-    return "merge-" + digest({**inputs, "merge": cfg.merge.model_dump(mode="json"), "eval_batch": cfg.eval.batch_size,
-                              "evaluate_report": evaluated})
+    inputs = fingerprint.stage_inputs("merge", parameters["config"], paths)
+    return None if inputs is None else "merge-" + fingerprint.key(inputs | {"root": str(paths.root)})
 
 
 def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
@@ -150,8 +109,8 @@ def prepare_task(config: Config, root: str) -> dict[str, Any]:
 
 
 @task(name="upload prepared data")
-def upload_prepared_task(root: str, run_id: str) -> str:
-    return handoff.upload_prepared(Paths.at(root), run_id)
+def upload_prepared_task(root: str, run_id: str, digest: str) -> str:
+    return handoff.upload_prepared(Paths.at(root), run_id, digest)
 
 
 @task(name="train", cache_key_fn=train_key, persist_result=True)
@@ -327,7 +286,7 @@ def _finetune(params: str | None, overrides: list[str] | None, root: str | None,
         tracker.set_tags({"prepare_cached": str(prepared_cached).lower(), "train_on": deployment or "in-process"})
         tracker.log_artifact(paths.report("prepare"), "reports")  # prepare ran before the run was opened
         data_digest = retrying(upload_prepared_task, cfg).with_options(
-            task_run_name=f"upload prepared/ to run {run_id[:8]}")(root, run_id)
+            task_run_name=f"upload prepared/ to run {run_id[:8]}")(root, run_id, out["prepare"]["dataset_digest"])
         _publish_prepare(out["prepare"], paths, run_id)
 
         out["train"] = _train(cfg, paths, run_id, data_digest, deployment, tracker)

@@ -20,9 +20,11 @@
   them and the same bytes re-run nothing.
 - **Code.** ``code_digest``: the pipeline's own source. **Commit.** ``git_commit`` and
   ``dvc_lock_digest`` are lineage tags (where a model came from), not keys.
-- Who keys on what (to be folded into one ``stage_inputs`` function, see docs/architecture.md): the
-  Prefect cache keys (``flows/finetune.py``), training resume (``train/checkpoints.fingerprint``) and the
-  registry's lineage key (``track/lineage.lineage_key``) all build on the digests above.
+- **A stage's inputs.** ``stage_inputs(stage, ...)`` says what a stage's result depends on, from the
+  digests above and its config sections; ``key()`` hashes it. The Prefect cache keys
+  (``flows/finetune.py``, which add where the output lives), the registry's lineage key
+  (``track/lineage.lineage``: the register stage's inputs) and training resume (whose checkpoint
+  record holds the same dataset digest) all use it.
 """
 
 from __future__ import annotations
@@ -231,3 +233,66 @@ def code_digest() -> str:
             if path.is_file() and path.suffix in (".py", ".txt") and "__pycache__" not in path.parts:
                 h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")
     return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------- stage inputs
+
+# The config sections that change what training produces (eval, merge, register and orchestration do not).
+TRAIN_SECTIONS = ("model", "data", "method", "quantization", "lora", "train")
+
+
+def key(inputs: dict[str, Any]) -> str:
+    """32 hex of ``inputs``: the form of every cache, resume and lineage key."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def source_digest(cfg: Config, root: Path) -> str | None:
+    """The raw data's content: a file's md5, a folder's DVC digest; None for a hub dataset (no local content)."""
+    given = Path(cfg.data.path).expanduser()
+    local = given if given.is_absolute() else root / given
+    if local.is_file():
+        return file_md5(local)
+    if local.is_dir():
+        return dataset_digest(local)
+    return None
+
+
+def prepared_digest(paths: Paths) -> str:
+    """The prepared data's digest as prepare reported it (``reports/prepare.json``); computed only
+    when there is no report (prepared data written by hand)."""
+    try:
+        return json.loads(paths.report("prepare").read_text(encoding="utf-8"))["dataset_digest"]
+    except (OSError, ValueError, KeyError):
+        return dataset_digest(paths.prepared)
+
+
+def stage_inputs(stage: str, cfg: Config, paths: Paths, *, dataset: str | None = None) -> dict[str, Any] | None:
+    """What ``stage``'s result depends on: digests of what it reads (data, base weights, adapter, code)
+    and the config sections it uses. None when there is nothing to key on (a hub dataset for
+    prepare; no adapter or test split yet for evaluate and merge).
+
+    ``dataset``: the prepared data's digest when the caller has it (the flow, from prepare's result).
+    """
+    config = cfg.model_dump(mode="json")
+    inputs: dict[str, Any] = {"code": code_digest(), "base": base_digest(cfg, paths)}  # weights, not only a name
+    if stage == "prepare":
+        source = source_digest(cfg, paths.root)
+        if source is None:
+            return None
+        return inputs | {"data": config["data"], "model": config["model"], "source": source}
+    if stage == "train":
+        return inputs | {"config": {k: config[k] for k in TRAIN_SECTIONS}, "data": dataset or prepared_digest(paths)}
+    if stage == "register":  # the lineage key: the same key is never registered twice
+        return inputs | {"config": config, "data": dataset or prepared_digest(paths)}
+    if stage not in ("evaluate", "merge"):
+        raise ValueError(f"unknown stage {stage!r}")
+    test = paths.split("test")
+    if not (paths.adapter / "adapter_config.json").exists() or not test.exists():
+        return None
+    inputs |= {"adapter": dataset_digest(paths.adapter), "test": file_md5(test), "model": config["model"],
+               "max_length": cfg.data.max_length}
+    if stage == "evaluate":
+        return inputs | {"eval": config["eval"]}
+    evaluated = paths.report("evaluate")  # merge compares its merged loss with the tuned loss there
+    return inputs | {"merge": config["merge"], "eval_batch": cfg.eval.batch_size,
+                     "evaluate_report": file_md5(evaluated) if evaluated.exists() else None}

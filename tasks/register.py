@@ -24,7 +24,7 @@ from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
 from loraflow.paths import Paths
 from loraflow.track import registry, tracking
-from loraflow.track.lineage import lineage_key, lineage_tags, read_report
+from loraflow.track.lineage import lineage, read_report
 from loraflow.track.tracking import NullTracker, Tracker
 
 # The registered model renders requests with the very templates training rendered with.
@@ -55,8 +55,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     if cfg.register.log == "adapter":
         require_adapter(paths)
     name = cfg.register.model_name
-    tags = lineage_tags(cfg, paths)
-    key = lineage_key(cfg, tags)
+    tags, key = lineage(cfg, paths)
     cl = tracking.client(paths)
 
     existing = _version_with_key(cl, name, key)

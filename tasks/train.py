@@ -51,7 +51,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
 
     from loraflow import planner
     from loraflow.data.splits import load_split
-    from loraflow.fingerprint import file_md5
+    from loraflow.fingerprint import base_digest, file_md5
     from loraflow.model import loading, quant
     from loraflow.model.targets import resolve_targets
     from loraflow.train import checkpoints, label_audit, lora, memory, rankcheck, sft
@@ -101,7 +101,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     say_block(audit.text)
 
     # resume only from a checkpoint of this same setup; anything else starts over
-    fp = checkpoints.fingerprint(cfg, targets, method, file_md5(paths.split("train")))
+    fp = checkpoints.fingerprint(cfg, targets, method, file_md5(paths.split("train")), base_digest(cfg, paths))
     resume = checkpoints.plan_resume(paths, fp, checkpoints.planned_steps(trainer), restart=cfg.train.resume == "restart")
     if resume.note:
         say(resume.note)

@@ -68,12 +68,14 @@ def has_artifact(cl: Any, run_id: str, path: str) -> bool:
 # --------------------------------------------------------------------------------------------- prepared data
 
 
-def upload_prepared(paths: Paths, run_id: str) -> str:
-    """Upload ``data/prepared/`` as ``prepared/`` (and the prepare report); returns the data digest."""
+def upload_prepared(paths: Paths, run_id: str, digest: str | None = None) -> str:
+    """Upload ``data/prepared/`` as ``prepared/`` (and the prepare report); returns the data digest.
+
+    ``digest``: the one prepare returned for these files (the flow passes it; computed without)."""
     if not paths.split("train").exists():
         raise HandoffError(f"{paths.prepared}: nothing to upload; run the prepare stage first")
     cl = client(paths)
-    digest = dataset_digest(paths.prepared)
+    digest = digest or dataset_digest(paths.prepared)
     cl.log_artifacts(run_id, str(paths.prepared), PREPARED)
     if paths.report("prepare").exists():
         cl.log_artifact(run_id, str(paths.report("prepare")), REPORTS)

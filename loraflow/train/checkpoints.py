@@ -34,12 +34,16 @@ def restore_counts(trainer, checkpoint: str | Path) -> None:
         trainer.counts.total, trainer.counts.supervised = int(data["total"]), int(data["supervised"])
 
 
-def fingerprint(cfg: Config, targets: list[str], method: str, train_digest: str) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed. Length (epochs, max_steps) may change:
-    a re-run with more steps continues where the last one stopped."""
+def fingerprint(cfg: Config, targets: list[str], method: str, train_digest: str, base_digest: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed, key by key (so the note can say what
+    changed): the train stage's inputs (``fingerprint.stage_inputs("train")``) as resolved, with the
+    method and targets training resolved them to, the train split's md5 and the base's weights
+    (``fingerprint.base_digest``: new weights at the same path are another setup). Length (epochs,
+    max_steps) may change: a re-run with more steps continues where the last one stopped."""
     return {
         "model.base": cfg.model.base,
         "model.revision": cfg.model.revision,
+        "model.weights": base_digest,
         "method": method,
         "quantization": cfg.quantization.model_dump() if method == "qlora" else None,
         "lora.r": cfg.lora.r,

@@ -135,7 +135,7 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     training starts at step 0 with a note naming what changed (so `dvc exp run -S lora.r=...` after a
     finished run just trains)."""
     from loraflow.errors import TrainingError
-    from loraflow.fingerprint import file_md5
+    from loraflow.fingerprint import base_digest, file_md5
     from loraflow.train import checkpoints
 
     # one trained project per session, copied per case (training it is the slow part)
@@ -149,7 +149,8 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     targets = json.loads((paths.checkpoints / checkpoints.FINGERPRINT_FILE).read_text())["lora.target_modules"]
     digest = file_md5(paths.split("train"))
 
-    same = checkpoints.plan_resume(paths, checkpoints.fingerprint(cfg, targets, "qlora", digest), 5)
+    weights = base_digest(cfg, paths)
+    same = checkpoints.plan_resume(paths, checkpoints.fingerprint(cfg, targets, "qlora", digest, weights), 5)
     assert same.checkpoint and same.step == 3  # the unchanged setup resumes
 
     section, _, key = change.partition(".")
@@ -163,7 +164,7 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
         cfg = cfg.model_copy(update={section: sec})
         if key == "target_modules":
             targets = ["q_proj", "v_proj"]
-    new = checkpoints.fingerprint(cfg, targets, "qlora", digest)
+    new = checkpoints.fingerprint(cfg, targets, "qlora", digest, weights)
     named = {"data": "data.train_md5", "quantization.double_quant": "quantization",
              "quantization.quant_type": "quantization"}.get(change, change)
     fp_file = paths.checkpoints / checkpoints.FINGERPRINT_FILE

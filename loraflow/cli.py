@@ -7,7 +7,6 @@ instant. A user error prints one line on stderr and exits non-zero, without a tr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from loraflow.errors import LoraflowError
+from loraflow.lock import project_lock
 
 STAGES = ("prepare", "train", "evaluate", "merge", "register")
 
@@ -54,11 +54,9 @@ def exit_fast(code: int) -> NoReturn:
     its stage returns.
     """
     try:
-        import atexit
-        import threading
+        from loraflow.private_api import interpreter_teardown
 
-        threading._shutdown()  # what Py_Finalize calls first (private, but there since 3.4)
-        atexit._run_exitfuncs()
+        interpreter_teardown()
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 - anything odd: leave it to the interpreter's normal exit
@@ -144,44 +142,6 @@ def _load(args: argparse.Namespace):
     return cfg, Paths.at(root)
 
 
-LOCK_FILE = ".loraflow.lock"
-
-
-@contextlib.contextmanager
-def project_lock(root: Path):
-    """Hold ``<root>/.loraflow.lock`` (fcntl.flock) for a whole ``run``/``stage``: two pipelines in one
-    project share data/prepared, outputs/ and reports/, so the second waits, saying for whom.
-
-    The kernel drops the lock when its holder dies (even by kill -9): a stale file never blocks.
-    """
-    import fcntl
-
-    try:
-        fh = open(root / LOCK_FILE, "a+", encoding="utf-8")
-    except OSError as e:  # a read-only project (or lock file): nothing could be written there anyway
-        raise LoraflowError(
-            f"cannot write the project lock {root / LOCK_FILE} ({e.strerror or type(e).__name__}): loraflow writes "
-            f"data/prepared, outputs/ and reports/ in the project folder; make {root} writable (chmod u+w) or run "
-            "from a writable copy of the project"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            print(f"loraflow: waiting for another loraflow run in this project (pid {holder})", file=sys.stderr,
-                  flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        yield
-    finally:
-        fh.close()  # releases the lock
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     if args.strict and (code := _strict(cfg, paths, "run")):
@@ -189,191 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loraflow.track import tracking
 
     tracking.require_reachable(paths)  # before prepare: an unreachable store fails in seconds, not after work
+    from loraflow.flows.local import run_pipeline
+
     with project_lock(paths.root):
-        return _run(cfg, paths)
-
-
-def _run(cfg, paths) -> int:
-    _hide_user_error_tracebacks()
-    server = _TemporaryServer.spawn(cfg)
-    api_url = None
-    try:
-        from loraflow.flows.finetune import finetune, require_server
-
-        if server is None:  # a configured server must answer; no server where one is needed: one line
-            require_server(cfg.orchestration.train_deployment)
-        _warm_tracking_store(paths)
-        if server is not None:
-            api_url = server.wait_until_ready()  # the flow may only talk to it once it answers /health
-    finally:
-        if server is not None and api_url is None:
-            server.stop()  # an error, or it never answered: the flow starts Prefect's own the usual way
-    from loraflow.secretref import externalize
-
-    with _prefect_api(api_url):
-        # Prefect stores the parameters at creation, before the flow runs: secrets go as ${env:...} references
-        out = finetune(config=externalize(cfg.model_dump(mode="json")), root=str(paths.root))
-    _print_summary(out, paths)
+        _print_summary(run_pipeline(cfg, paths), paths)
     return 0
-
-
-def _prefect_api(url: str | None):
-    """Point Prefect at our temporary server ``url`` for the flow (a no-op without one).
-
-    Without flow-run heartbeats: they let a server mark the runs of a crashed worker, but this
-    server ends with this process, so nobody would read them, and each flow run's end waits up to
-    a second for the heartbeat thread's sleep (two flow runs per pipeline)."""
-    if url is None:
-        return contextlib.nullcontext()
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    return temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-class _TemporaryServer:
-    """Prefect's temporary server, started before anything is imported, and stopped at exit.
-
-    Without a configured server the flow's first API call starts one (``SubprocessASGIServer``) and
-    waits for it: 8-12 s here (docs/traps.md §6), a subprocess that imports the server and opens its database,
-    after this process has already spent seconds importing the server module itself just to start
-    it. Spawned first, with the same command, it boots on another core while this process imports
-    the flow and opens the MLflow store; the flow then gets its URL as ``PREFECT_API_URL`` for the
-    run. This process never imports Prefect's server package (2.4 s of imports that only the
-    server needs). It is stopped by an exit handler registered before Prefect is imported, so it
-    runs after Prefect's own (which send the last logs and events to it). If it exits or does not
-    answer in time it is stopped, and the flow starts one the usual way.
-    """
-
-    def __init__(self, proc, port: int) -> None:
-        self.proc, self.port = proc, port
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    @classmethod
-    def spawn(cls, cfg) -> "_TemporaryServer | None":
-        import atexit
-        import importlib.util
-        import socket
-        import subprocess
-
-        if os.environ.get("PREFECT_API_URL") or cfg.orchestration.train_deployment:
-            return None  # a configured server (or a missing one, which require_server reports)
-        spec = importlib.util.find_spec("prefect")  # its folder, without importing it (seconds)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        # = SubprocessASGIServer._run_uvicorn_command (prefect 3.9); settings reach it through the environment
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir",
-                                 str(Path(spec.submodule_search_locations[0]).parent), "--factory",
-                                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                                 "--log-level", "error", "--lifespan", "on"], env=env)
-        server = cls(proc, port)
-        atexit.register(server.stop)
-        return server
-
-    def wait_until_ready(self) -> str | None:
-        """Its API URL once it answers /health; None if it exited or took too long."""
-        import time
-        import urllib.request
-
-        from prefect.logging import get_logger
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-        get_logger().info(f"Starting temporary server on http://127.0.0.1:{self.port}")
-        deadline = time.monotonic() + max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 60)
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return self.api_url
-            except OSError:
-                pass
-            time.sleep(0.1)
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM; SIGINT if it is still up after 1 s; SIGKILL after 2 more.
-
-        On SIGTERM uvicorn shuts down gracefully, waiting for open connections and tasks; one
-        bench run's exit took 5 s (Prefect's own stop waits that long before it kills; the cause
-        was not reproduced: an open events websocket did not hold it). uvicorn exits at once on a
-        SIGINT after that, so a stuck shutdown costs at most 1 s. Its database is sqlite, whose
-        transactions survive any of these."""
-        import signal
-        import subprocess
-
-        steps = ((self.proc.terminate, 1.0), (lambda: self.proc.send_signal(signal.SIGINT), 2.0),
-                 (self.proc.kill, None))
-        for signal_, wait in steps:
-            if self.proc.poll() is not None:
-                return
-            signal_()
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def _warm_tracking_store(paths) -> None:
-    """Open the MLflow store (imports, and for a new sqlite store its tables) while the server boots."""
-    from loraflow.track import tracking
-
-    try:
-        tracking.client(paths).search_experiments(max_results=1)
-    except Exception:  # noqa: BLE001 - the flow's first MLflow call reports a real problem with one line
-        pass
-
-
-POOLS = ("cpu", "gpu")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    """Create the work pools (when missing) and every deployment of prefect.yaml, against PREFECT_API_URL."""
-    import subprocess
+    from loraflow.flows.deploy import deploy
 
-    from prefect.settings import PREFECT_API_URL
-
-    project = Path(args.project).resolve()
-    if not (project / "prefect.yaml").exists():
-        raise LoraflowError(f"deploy: {project}/prefect.yaml not found; run in the project folder or pass --project")
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise LoraflowError("deploy: no Prefect server set (PREFECT_API_URL is empty); start one with "
-                            "`prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    prefect = [sys.executable, "-m", "prefect"]
-
-    def call(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(prefect + cmd, cwd=project, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = " ".join((proc.stdout + proc.stderr).split())[-400:]
-            raise LoraflowError(f"deploy: {what} failed against {url}: {tail}")
-        return proc
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
-
-    # = `prefect work-pool create NAME --type process` (same default job template), without a CLI start per pool
-    with get_client(sync_client=True) as client:
-        for pool in POOLS:
-            try:
-                client.read_work_pool(pool)
-                print(f"work pool {pool}: exists")
-            except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(
-                    name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
-                print(f"work pool {pool}: created (process)")
-    call(["--no-prompt", "deploy", "--all"], "prefect deploy --all")
-    print(f"deployed from {project / 'prefect.yaml'} to {url}: finetune/nightly (pool cpu), train/gpu (pool gpu)")
-    print("next: `prefect worker start --pool cpu` here, `prefect worker start --pool gpu` on the GPU machine")
-    return 0
+    return deploy(Path(args.project))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -502,20 +288,6 @@ def cmd_build_base(args: argparse.Namespace) -> int:
     from loraflow.model.embedded import cli_build_base
 
     return cli_build_base(args.out, args.steps)
-
-
-def _hide_user_error_tracebacks() -> None:
-    """Prefect logs a task's exception with its traceback; a user error needs only its one line."""
-
-    class UserErrorFilter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            exc = record.exc_info[1] if record.exc_info else None
-            if isinstance(exc, LoraflowError):
-                record.exc_info, record.exc_text = None, None
-            return True
-
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(UserErrorFilter())
 
 
 def _print_summary(out: dict[str, Any], paths) -> None:

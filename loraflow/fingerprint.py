@@ -218,7 +218,9 @@ def dvc_lock_digest(root: Path) -> str | None:
 
 
 def code_digest() -> str:
-    """sha256 (32 hex) of the pipeline's own source: the ``loraflow`` and ``tasks`` packages.
+    """sha256 (32 hex) of the pipeline's own source: the ``loraflow`` package and the stages (``tasks/``,
+    installed as ``loraflow.tasks``). Not the Prefect flows (``flows/``): they decide where and when a
+    stage runs, not what it computes, so editing them keys no stage anew.
 
     The "code" of a lineage key. A commit id is no measure of it: committing dvc.lock or a README
     makes a new one, every uncommitted edit shares one ``-dirty`` id, and outside git there is none.
@@ -226,9 +228,10 @@ def code_digest() -> str:
     import importlib
 
     h = hashlib.sha256()
-    for package in ("loraflow", "tasks"):
-        # __path__, not __file__: a namespace package (no __init__.py) has no __file__.
-        root = Path(importlib.import_module(package).__path__[0])
+    # (the name hashed with each file, the installed package): the stages keep the name "tasks" they were
+    # hashed under before they were installed as loraflow.tasks, so the same code gives the same digest.
+    for package, installed in (("loraflow", "loraflow"), ("tasks", "loraflow.tasks")):
+        root = Path(importlib.import_module(installed).__path__[0])
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in (".py", ".txt") and "__pycache__" not in path.parts:
                 h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")

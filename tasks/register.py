@@ -23,6 +23,7 @@ from loraflow.messages import say, stage
 from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
 from loraflow.paths import Paths
+from loraflow.private_api import mlflow_fluent_uri
 from loraflow.track import registry, tracking
 from loraflow.track.lineage import lineage, read_report
 from loraflow.track.tracking import NullTracker, Tracker
@@ -67,7 +68,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     metric = cfg.register.gate_metric
     new_value = evaluation.get("tuned", {}).get(metric)
     # The fluent API (log_model), and the client resolving the models:/ source, use the global URI.
-    with _fluent_uri(tracking.tracking_uri(paths)):
+    with mlflow_fluent_uri(tracking.tracking_uri(paths)):
         info, model_tags = _log_model(cfg, paths, tracker.run_id)
         # Creating the version, reading the champion, comparing and moving the aliases happen under one
         # lock. Else two pipelines registering under one name at once both read "no champion" and both
@@ -197,36 +198,6 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
             metadata={"loraflow_kind": cfg.register.log, "base_model": cfg.model.base},
         )
     return info, extra_tags
-
-
-@contextmanager
-def _fluent_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (log_model has no client form) at ``uri`` for a moment.
-
-    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into the environment, where it
-    would outlive this stage: the next pipeline in the same process (another project root) would
-    log into this store. So the environment and MLflow's globals are put back afterwards.
-    """
-    import os
-
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    import mlflow
-
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:

@@ -43,13 +43,14 @@ def _template() -> Path:
     if path.exists():
         return path
     import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables  # what SqlAlchemyStore runs on a new database
+
+    from loraflow.private_api import mlflow_initialize_tables
 
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
     try:
-        _initialize_tables(engine)
+        mlflow_initialize_tables(engine)
     finally:
         engine.dispose()
     os.replace(tmp, path)  # whole or not at all: a concurrent builder writes the same bytes

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loraflow.cli import LOCK_FILE
+from loraflow.lock import LOCK_FILE
 from tests.reliability.conftest import BIN, alpaca, kill, start, wait_for, write_params, write_prepared, write_raw
 
 pytestmark = pytest.mark.slow
@@ -131,10 +131,10 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     import subprocess
     import sys
 
-    from loraflow.cli import project_lock
+    from loraflow.lock import project_lock
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from loraflow.cli import project_lock\n"
+        "import sys, time; from pathlib import Path; from loraflow.lock import project_lock\n"
         f"with project_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=Path(__file__).resolve().parents[2])
     try:

@@ -41,7 +41,7 @@ RECORDS = alpaca_records(50)
 # dvc.yaml's code deps against the real imports
 
 # Every `loraflow stage NAME` parses params.yaml through these, whatever the stage.
-COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors"]
+COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors", "loraflow.lock", "loraflow.private_api"]
 # What each stage runs: cmd_stage's branch for it, and for the pipeline stages the one stage runner.
 ENTRY = {
     "base": ["loraflow.model.loading", "loraflow.model.embedded"],  # base_location, or REFERENCE.md for another base

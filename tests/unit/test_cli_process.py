@@ -50,10 +50,10 @@ def test_exit_fast_joins_threads_runs_exit_handlers_flushes_and_keeps_the_code(t
 def test_early_server_serves_the_flow_and_stops_without_importing_prefects_server(tmp_path):
     proc = _python("""
         import json, sys, urllib.request
-        from loraflow.cli import _TemporaryServer, _prefect_api
+        from loraflow.flows.local import TemporaryServer, prefect_api
         from loraflow.config import Config
 
-        server = _TemporaryServer.spawn(Config())  # first, as `loraflow run` does; then the flow's imports
+        server = TemporaryServer.spawn(Config())  # first, as `loraflow run` does; then the flow's imports
         assert server is not None
         from prefect import flow
 
@@ -64,7 +64,7 @@ def test_early_server_serves_the_flow_and_stops_without_importing_prefects_serve
         def probe() -> int:
             return 7
 
-        with _prefect_api(url):
+        with prefect_api(url):
             from prefect.settings import get_current_settings
 
             assert get_current_settings().flows.heartbeat_frequency is None  # nobody reads them after us

@@ -109,8 +109,15 @@ def run_name(prefix: str) -> Any:
         from prefect.runtime import flow_run
 
         p = flow_run.parameters or {}
+        config = p.get("config")
+        if isinstance(config, dict):  # the config as JSON (a whole dump): three values, no second validation
+            try:
+                lora = config["lora"]
+                return f"{prefix} r={lora['r']} α={float(lora['alpha']):g} {config['method']}"
+            except (KeyError, TypeError, ValueError):
+                return prefix  # a bad config fails in the flow body with its one-line message
         try:
-            cfg = as_config(p.get("config"), p.get("params"), p.get("overrides"))
+            cfg = as_config(config, p.get("params"), p.get("overrides"))
         except Exception:  # a bad config fails in the flow body with its one-line message
             return prefix
         return f"{prefix} {label(cfg)}"

@@ -58,12 +58,14 @@ def stage_logs() -> Iterator[None]:
     if any(type(h).__name__ == "ToPrefect" for h in messages.LOGGER.handlers):
         yield  # an in-process subflow of a flow that already forwards them
         return
-    handler = ToPrefect()
+    handler, level = ToPrefect(), messages.LOGGER.level
     messages.LOGGER.addHandler(handler)
+    messages.LOGGER.setLevel(logging.INFO)  # its lines are INFO; unset, the root logger's WARNING drops them
     try:
         yield
     finally:
         messages.LOGGER.removeHandler(handler)
+        messages.LOGGER.setLevel(level)
 
 
 def quiet_worker() -> None:

@@ -46,6 +46,29 @@ def prefect_server():
         yield
 
 
+def _prefect_log_lines(flow_run_id: str) -> list[str]:
+    """Every log line of a flow run (its tasks' too), once Prefect's log handler has sent what it holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # the batches still queued are sent, and waited for
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return [log.message for log in logs]
+
+
+def _subflow_run(parent_flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])))
+    assert len(runs) == 1, runs
+    return str(runs[0].id)
+
+
 def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_server, monkeypatch):
     from loraflow.flows.finetune import finetune
 
@@ -69,6 +92,14 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
     run = cl.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "lints" in run.data.tags  # the planner's lints ran at the start and were logged
+    # what the stages print on the terminal is in the Prefect run's log too (loraflow.messages, stage_logs)
+    flow_run = run.data.tags["prefect_flow_run_id"]
+    lines = _prefect_log_lines(flow_run)
+    for expected in ("prepare: read 70 records", "==> evaluate", "==> merge", "==> register", "pipe v1 -> challenger"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    training = _prefect_log_lines(_subflow_run(flow_run))  # training is the `train` subflow's run
+    for expected in ("==> train", "label audit: example", "qlora on "):
+        assert any(line.startswith(expected) for line in training), (expected, training)
     p = run.data.params
     assert p["method"] == "qlora" and p["lora_r"] == "16" and float(p["lora_scale"]) == 2.0
     for key in ("base_model", "lora_alpha", "lora_dropout", "lora_target_modules", "quant_type", "double_quant",

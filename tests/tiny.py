@@ -93,3 +93,28 @@ def alpaca_records(n_numbers: int) -> list[dict]:
         for n in range(n_numbers)
     ]
 
+
+def force_cpu_repack(monkeypatch) -> None:
+    """Make bitsandbytes repack 4-bit weights for CPU inference on any CPU (docs/traps.md §1), as it does on one
+    with AVX512-BF16, so a test of loraflow's switch (``quant.disable_cpu_repack``) can fail everywhere.
+
+    ``Linear4bit.__init__`` sets ``support_avx512bf16_for_cpu = has_avx512bf16()`` (the name imported into
+    ``bitsandbytes.nn.modules``), and ``Linear4bit.forward`` rewrites the weight in place into the CPU layout
+    (``packing_format_for_cpu``) when that flag is set and the forward is on the CPU, in eval mode, without
+    grad. With the probe forced, every 4-bit layer built afterwards repacks unless loraflow turns it off.
+    Checks that the forced condition really makes a fresh layer repack: a bitsandbytes that decides
+    otherwise fails here, not silently in the tests that rely on it.
+    """
+    import contextlib
+
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    layer = bnb_modules.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    assert layer.support_avx512bf16_for_cpu is True
+    layer.eval()
+    # The forward repacks first, then multiplies; the packed kernel itself may not run on this CPU.
+    with contextlib.suppress(Exception), torch.no_grad():
+        layer(torch.randn(1, 64))
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False), "bitsandbytes no longer repacks"

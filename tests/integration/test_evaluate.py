@@ -158,6 +158,39 @@ def test_attaching_the_adapter_leaves_no_peft_deprecation_in_the_log(tmp_path, t
     assert "a warning of ours" in [str(w.message) for w in caught]
 
 
+def test_evaluate_measures_the_4bit_model_as_trained(tmp_path, tiny_llama, monkeypatch, cpu_repack_forced):
+    """docs/traps.md §1: evaluate's eval-mode, no-grad forwards leave the 4-bit weights as trained (no CPU repack),
+    so its losses are what those weights compute: the same NF4 weights dequantized into fp32, plus the adapter
+    (what training computed, and what merge ships). ``cpu_repack_forced``: bitsandbytes repacks on any CPU."""
+    import bitsandbytes as bnb
+
+    import loraflow.tasks.evaluate
+    from loraflow.model import quant
+    from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer
+
+    cfg, paths = make_project(tmp_path, tiny_llama)
+    plant_adapter(cfg, paths)
+    tok = load_adapter_tokenizer(cfg, paths)
+    fp32 = loading.load_model(cfg, paths, quantized=False)
+    assert quant.dequantize_into(fp32, loading.load_model(cfg, paths, quantized=True)) == 14  # no forward ran on it
+    reference = attach_adapter(fp32, paths)
+    tuned_loss, _ = completion_loss(reference, tok, ROWS, cfg.eval.batch_size, cfg.data.max_length)
+    with reference.disable_adapter():
+        base_loss, _ = completion_loss(reference, tok, ROWS, cfg.eval.batch_size, cfg.data.max_length)
+
+    loaded = []
+    real_load_tuned = loraflow.tasks.evaluate.load_tuned
+    monkeypatch.setattr(loraflow.tasks.evaluate, "load_tuned",
+                        lambda *a, **k: loaded.append(real_load_tuned(*a, **k)) or loaded[-1])
+    result = loraflow.tasks.evaluate.run(cfg, paths)
+    (model,) = loaded
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14  # 7 linears x 2 layers, all 4-bit: the forced repack applied to each
+    assert not [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert result.tuned["loss"] == pytest.approx(tuned_loss, rel=1e-5, abs=0)
+    assert result.base["loss"] == pytest.approx(base_loss, rel=1e-5, abs=0)
+
+
 # --- the helpers --------------------------------------------------------------------------------
 
 

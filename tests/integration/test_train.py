@@ -1,4 +1,4 @@
-"""The train stage on tiny models: QLoRA and LoRA learn, TRAPS 1 stays fixed, NaN stops, resume continues."""
+"""The train stage on tiny models: QLoRA and LoRA learn, docs/traps.md §1 stays fixed, NaN stops, resume continues."""
 
 from __future__ import annotations
 
@@ -125,7 +125,10 @@ def test_qlora_loss_falls_and_outputs_follow_the_contract(tiny_llama, tmp_path):
     assert rank["rank_utilisation"] == pytest.approx(rank["effective_rank_mean"] / 8, abs=1e-3)
     assert all(len(m["singular_values"]) == 8 and m["singular_values"][0] > 0 for m in rank["modules"])
     assert rank["plateau"]["source"] == "train_loss" and rank["plateau"]["window_steps"] == 8
-    assert rank["suggestion"] is None or "lora.r=16" in rank["suggestion"]
+    # The loss flattens (the last 8 steps improve 1.3% < 2%), but the adapter uses under half of r=8 (effective
+    # rank 2..5): not saturated, so no advice to raise r. (Saturated and flat: the next test.)
+    assert rank["plateau"]["plateaued"] and rank["rank_utilisation"] < 0.6
+    assert rank["suggestion"] is None
     logged = {k: v for _, m in tracker.metrics for k, v in m.items() if k.startswith("adapter_")}
     assert logged == {"adapter_effective_rank_mean": rank["effective_rank_mean"],
                       "adapter_rank_utilisation": rank["rank_utilisation"]}
@@ -189,7 +192,7 @@ def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dic
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         import bitsandbytes as bnb
 
-        for m in model.modules():  # the repack (TRAPS 1) never happened
+        for m in model.modules():  # the repack (docs/traps.md §1) never happened
             if isinstance(m, bnb.nn.Linear4bit):
                 assert m.support_avx512bf16_for_cpu is False
                 assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -199,8 +202,10 @@ def _lora_grads(cfg: Config, paths: Paths, batch: dict, eval_first: bool) -> dic
 
 
 @pytest.mark.slow
-def test_eval_forward_before_training_leaves_4bit_gradients_intact(tiny_llama, tmp_path):
-    """TRAPS 1: an eval-mode no-grad forward on the 4-bit model must not change what backward computes."""
+def test_eval_forward_before_training_leaves_4bit_gradients_intact(tiny_llama, tmp_path, cpu_repack_forced):
+    """docs/traps.md §1: an eval-mode no-grad forward on the 4-bit model must not change what backward computes.
+
+    ``cpu_repack_forced``: bitsandbytes repacks here on any CPU, as on one with AVX512-BF16."""
     from loraflow.model import loading, quant
 
     cfg = config(tiny_llama)
@@ -295,20 +300,27 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_auto_method_is_resolved_and_recorded_with_the_adapter(tiny_llama, tmp_path):
+def test_auto_method_is_resolved_and_recorded_with_the_adapter(tiny_llama, tmp_path, monkeypatch):
     from loraflow import planner
     from loraflow.model import loading
 
-    paths = project(tmp_path, n_val=0)
+    # A 0.15M-parameter model: its 16-bit LoRA estimate (0.03 GiB) fits any machine, so auto is plain LoRA.
+    paths = project(tmp_path / "auto", n_val=0)
     cfg = config(tiny_llama, "auto", max_steps=2)
     result = loraflow.tasks.train.run(cfg, paths)
-    want, _ = planner.resolve_method(cfg, paths)
-    assert result.method == want and want in ("lora", "qlora")
-    assert (result.quantized_layers > 0) == (want == "qlora")
+    assert result.method == "lora" and result.quantized_layers == 0
     meta = loading.adapter_meta(paths)
-    assert meta["method"] == want and meta["target_modules"] == sorted(meta["target_modules"])
+    assert meta["method"] == "lora" and meta["quantization"] is None
+    assert meta["target_modules"] == sorted(meta["target_modules"])
     # evaluate and merge load the base the way training did
-    assert loading.uses_4bit(cfg, paths) == (want == "qlora")
+    assert loading.uses_4bit(cfg, paths) is False
+
+    # When the planner answers QLoRA (a bigger model on a smaller device), the stage trains QLoRA and records it.
+    monkeypatch.setattr(planner, "resolve_method", lambda cfg, paths: ("qlora", "auto: planted for the test"))
+    paths = project(tmp_path / "planted", n_val=0)
+    result = loraflow.tasks.train.run(cfg, paths)
+    assert result.method == "qlora" and result.quantized_layers == 14
+    assert loading.adapter_meta(paths)["method"] == "qlora" and loading.uses_4bit(cfg, paths) is True
 
 
 def test_final_loss_covers_a_whole_logging_window():

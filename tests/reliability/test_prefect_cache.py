@@ -77,8 +77,10 @@ def test_training_reruns_exactly_when_data_params_base_or_code_change(tmp_path, 
     assert pipeline("train.learning_rate=0.003")[0] is True, "new base weights at the same path did not re-run training"
 
     # The code: the key's code input (what an edit of loraflow/ or tasks/ changes) is different.
-    real = ff.code_digest()
-    monkeypatch.setattr(ff, "code_digest", lambda: "edited-" + real)
+    from loraflow import fingerprint
+
+    real = fingerprint.code_digest()
+    monkeypatch.setattr(fingerprint, "code_digest", lambda: "edited-" + real)
     assert pipeline("train.learning_rate=0.003")[0] is True, "a code change did not re-run training"
     # Nothing changed since: Cached.
     assert pipeline("train.learning_rate=0.003")[0] is False

@@ -1,4 +1,4 @@
-"""A 4-bit CPU load drops its memory-mapped checkpoint (TRAPS 5); a full-precision load keeps it on purpose."""
+"""A 4-bit CPU load drops its memory-mapped checkpoint (docs/traps.md §5); a full-precision load keeps it on purpose."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ def test_exit_fast_joins_threads_runs_exit_handlers_flushes_and_keeps_the_code(t
     assert not (tmp_path / "after.txt").exists()
 
 
+@pytest.mark.slow  # starts a Prefect server in a fresh process: ~10 s
 def test_early_server_serves_the_flow_and_stops_without_importing_prefects_server(tmp_path):
     proc = _python("""
         import json, sys, urllib.request

@@ -265,7 +265,7 @@ def test_cpu_plans_fp32_weights_and_activations(tmp_path, root):
     assert bf16.memory["lora"].weights == 2 * P  # an explicit dtype is taken as given
     assert est.compute_bytes("auto", True) == 2 and est.compute_bytes("float32", True) == 4
     # A CPU QLoRA load reads the whole checkpoint through its mapping (at the checkpoint's dtype) and drops
-    # it once quantized (TRAPS 5): it counts toward the load's peak, with the weights made from it. LoRA's
+    # it once quantized (docs/traps.md §5): it counts toward the load's peak, with the weights made from it. LoRA's
     # mapping is its base (in the total); nothing on a GPU
     assert cpu.method == "qlora" and gpu.mapped_bytes == 0 and cpu.mapped_bytes == 4 * P  # no dtype: fp32
     assert cpu.to_dict()["load_peak_gib"] == round((4 * P + cpu.memory["qlora"].weights) / 2**30, 3)

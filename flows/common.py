@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -149,10 +147,6 @@ def backoff(cfg: Config) -> list[float]:
 def retrying(task_obj: Any, cfg: Config) -> Any:
     return task_obj.with_options(retries=cfg.orchestration.retries, retry_delay_seconds=backoff(cfg),
                                  retry_condition_fn=no_retry_on_user_error)
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------- MLflow links

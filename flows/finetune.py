@@ -10,12 +10,13 @@ work pool, waited for. Nothing is handed over on disk: the prepared data goes up
 (``prepared/``), training brings the adapter back there (``adapter/``), and this flow downloads
 it into ``outputs/adapter/`` for evaluate and merge. The flows pass run ids, never files.
 
-Caching: prepare is keyed on the data section, the model (its tokenizer counts tokens), the raw
-data's digest, the code digest and the project folder; training on the training-relevant config,
-the prepared data's digest, the code digest and the MLflow store. Both also on the base's weights
-(``loraflow.fingerprint``: a folder's files by sha256, a hub id's cached commit), not only its
-name. A re-run with nothing changed skips both (task state ``Cached``), says so in the log, and
-tags the MLflow run.
+Caching: each stage's task is keyed on its inputs as ``fingerprint.stage_inputs`` says them (for
+prepare: the data section, the model, the raw data's digest; for training: the training-relevant
+config and the prepared data's digest; for evaluate and merge: the adapter's bytes and the test
+split; always the code digest and the base's weights, not only its name), plus where the output
+lives (the project folder; for training, the MLflow store). Every stage runs through
+``tasks/runner.run_stage``. A re-run with nothing changed skips them (task state ``Cached``), says so
+in the log, and tags the MLflow run.
 """
 
 from __future__ import annotations

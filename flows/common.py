@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -35,28 +36,29 @@ def tracker(root: str, run_id: str | None) -> tracking.Tracker:
     return runner.tracker_for(Paths.at(root), run_id)
 
 
+class _ToPrefect(logging.Handler):
+    """Forwards ``loraflow.messages`` lines to the Prefect run logger of whatever runs now (flow or task)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            get_run_logger().info(record.getMessage())
+        except MissingContextError:
+            pass
+
+
 @contextmanager
 def stage_logs() -> Iterator[None]:
     """Stage messages (``loraflow.messages``) also into the Prefect run's log, so the UI shows what
     the terminal shows: the flow run's, or the task run's while a task runs."""
-    import logging
-
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
     from loraflow import messages
 
-    class ToPrefect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            try:
-                get_run_logger().info(record.getMessage())
-            except MissingContextError:
-                pass
-
-    if any(type(h).__name__ == "ToPrefect" for h in messages.LOGGER.handlers):
+    if any(isinstance(h, _ToPrefect) for h in messages.LOGGER.handlers):
         yield  # an in-process subflow of a flow that already forwards them
         return
-    handler, level = ToPrefect(), messages.LOGGER.level
+    handler, level = _ToPrefect(), messages.LOGGER.level
     messages.LOGGER.addHandler(handler)
     messages.LOGGER.setLevel(logging.INFO)  # its lines are INFO; unset, the root logger's WARNING drops them
     try:
@@ -112,8 +114,7 @@ def run_name(prefix: str) -> Any:
         config = p.get("config")
         if isinstance(config, dict):  # the config as JSON (a whole dump): three values, no second validation
             try:
-                lora = config["lora"]
-                return f"{prefix} r={lora['r']} α={float(lora['alpha']):g} {config['method']}"
+                return f"{prefix} {runner.label_of(config['lora']['r'], config['lora']['alpha'], config['method'])}"
             except (KeyError, TypeError, ValueError):
                 return prefix  # a bad config fails in the flow body with its one-line message
         try:

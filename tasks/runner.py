@@ -5,7 +5,7 @@ around it is the same whichever entry point called it:
 
     open_run(...)            the MLflow run: the contract's tags (git_commit, dvc_lock_digest), its label
     run_stage(name, ...)     the stage's function, then its report logged into that run
-    finish(tracker, ok)      FINISHED, or FAILED on an error (no RUNNING orphan is left behind)
+    finishing(tracker, end)  FINISHED, or FAILED on an error (no RUNNING orphan is left behind)
 
 ``loraflow stage train`` (the DVC path) opens a run of its own and ends it; the later stages resume
 the run named in ``reports/train.json`` and leave it open for the next one, ending it FAILED only
@@ -20,32 +20,26 @@ from contextlib import contextmanager
 from typing import Any
 
 from loraflow.config import Config
-from loraflow.fingerprint import dvc_lock_digest, git_commit
 from loraflow.paths import Paths
 from loraflow.track import tracking
-from loraflow.track.lineage import read_report
+from loraflow.track.lineage import read_report, source_tags
 
 STAGES = ("prepare", "train", "evaluate", "merge", "register")
-TRACKED = STAGES[1:]  # prepare logs nothing: the flow or the train run logs its report
 
 
 def label(cfg: Config) -> str:
     """``r=16 α=32 qlora``: what a run trains, for MLflow run names and Prefect flow and task names."""
-    return f"r={cfg.lora.r} α={cfg.lora.alpha:g} {cfg.method}"
+    return label_of(cfg.lora.r, cfg.lora.alpha, cfg.method)
 
 
-def run_tags(paths: Paths) -> dict[str, str]:
-    """The contract's run tags: where the code and the pipeline's pins were when the run started."""
-    tags = {"git_commit": git_commit(paths.root)}
-    if lock := dvc_lock_digest(paths.root):
-        tags["dvc_lock_digest"] = lock
-    return tags
+def label_of(r: int, alpha: float, method: str) -> str:
+    return f"r={r} α={float(alpha):g} {method}"
 
 
 def open_run(cfg: Config, paths: Paths, what: str, tags: dict[str, str] | None = None) -> tracking.MlflowTracker:
     """A new MLflow run ``<what> r=16 α=32 qlora`` in the experiment ``register.model_name``."""
     return tracking.start_run(paths, cfg.register.model_name, f"{what} {label(cfg)}",
-                              tags={**run_tags(paths), **(tags or {})})
+                              tags={**source_tags(paths.root), **(tags or {})})
 
 
 def tracker_for(paths: Paths, run_id: str | None) -> tracking.Tracker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from loraflow.config import Config
@@ -32,9 +33,16 @@ def lineage(cfg: Config, paths: Paths) -> tuple[dict[str, str], str]:
         "lora_target_modules": json.dumps(cfg.lora.target_modules),
         "dataset_digest": inputs["data"],
         "base_digest": inputs["base"],  # which weights: a path or hub id alone does not say
-        "git_commit": git_commit(paths.root),
         "code_digest": inputs["code"],
+        **source_tags(paths.root),
     }
-    if lock := dvc_lock_digest(paths.root):
-        tags["dvc_lock_digest"] = lock
     return tags, key(inputs)
+
+
+def source_tags(root: Path) -> dict[str, str]:
+    """The contract's ``git_commit`` and (where a dvc.lock exists) ``dvc_lock_digest``: where the code and
+    the pipeline's pins were. MLflow runs (``tasks/runner.open_run``) and registered versions carry them."""
+    tags = {"git_commit": git_commit(root)}
+    if lock := dvc_lock_digest(root):
+        tags["dvc_lock_digest"] = lock
+    return tags

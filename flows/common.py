@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -36,36 +35,28 @@ def tracker(root: str, run_id: str | None) -> tracking.Tracker:
     return runner.tracker_for(Paths.at(root), run_id)
 
 
-class _ToPrefect(logging.Handler):
-    """Forwards ``loraflow.messages`` lines to the Prefect run logger of whatever runs now (flow or task)."""
+def _to_prefect(line: str) -> None:
+    """A stage's line to the Prefect run logger of whatever runs now (the flow, or the task it is in)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
 
-    def emit(self, record: logging.LogRecord) -> None:
-        from prefect.exceptions import MissingContextError
-        from prefect.logging import get_run_logger
-
-        try:
-            get_run_logger().info(record.getMessage())
-        except MissingContextError:
-            pass
+    try:
+        get_run_logger().info(line)
+    except MissingContextError:  # outside any run: the terminal still gets it
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextmanager
 def stage_logs() -> Iterator[None]:
-    """Stage messages (``loraflow.messages``) also into the Prefect run's log, so the UI shows what
-    the terminal shows: the flow run's, or the task run's while a task runs."""
+    """Stage messages (``loraflow.messages``) through the Prefect run logger, the flow run's or the task
+    run's while a task runs: into the run's log (the UI) and, by Prefect's console handler, the terminal."""
     from loraflow import messages
 
-    if any(isinstance(h, _ToPrefect) for h in messages.LOGGER.handlers):
-        yield  # an in-process subflow of a flow that already forwards them
-        return
-    handler, level = _ToPrefect(), messages.LOGGER.level
-    messages.LOGGER.addHandler(handler)
-    messages.LOGGER.setLevel(logging.INFO)  # its lines are INFO; unset, the root logger's WARNING drops them
-    try:
+    if messages.routed():  # an in-process subflow of a flow that already routes them
         yield
-    finally:
-        messages.LOGGER.removeHandler(handler)
-        messages.LOGGER.setLevel(level)
+        return
+    with messages.routed_to(_to_prefect):
+        yield
 
 
 def quiet_worker() -> None:

@@ -126,9 +126,9 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
     from loraflow.model.loading import load_model, load_tokenizer
-    from loraflow.paths import Paths
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -176,10 +176,10 @@ def _quantize_linears(model, compute_dtype, device) -> None:
 
 def run_method(method: str, shape_cfg: dict, device, seq: int, batch: int, steps: int, warmup: int) -> dict:
     import torch
+    from transformers import LlamaConfig
 
     from loraflow.planner import estimates as est
     from loraflow.planner.shapes import model_shape
-    from transformers import LlamaConfig
 
     cuda = device.type == "cuda"
     if cuda:
@@ -241,7 +241,7 @@ def predict(method: str, shape_cfg: dict, seq: int, batch: int, gpu_name: str | 
     """
     from transformers import LlamaConfig
 
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
     from loraflow.planner import estimates as est
     from loraflow.planner import memory_estimates
     from loraflow.planner.shapes import model_shape, resolve_targets

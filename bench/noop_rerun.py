@@ -28,7 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline_project import ROOT, VENV_BIN, env_for, fresh_project, machine, median, timed, write_result  # noqa: E402
+from bench.pipeline_project import (  # noqa: E402
+    ROOT,
+    VENV_BIN,
+    env_for,
+    fresh_project,
+    machine,
+    median,
+    timed,
+    write_result,
+)
 
 GOALS = {"dvc repro": 3.0, "loraflow run": 15.0}
 MODEL = "loraflow-demo"  # register.model_name in params.yaml
@@ -99,7 +108,7 @@ def main() -> int:
 
 
 def _client(project: Path):
-    from loraflow.paths import Paths
+    from loraflow.core.paths import Paths
     from loraflow.track import tracking
 
     return tracking.client(Paths.at(project))

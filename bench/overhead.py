@@ -167,8 +167,8 @@ def child(side: str, record: Path) -> int:
         from loraflow.cli import _quiet_environment
 
         _quiet_environment()  # the same environment `loraflow` sets (threads, no telemetry)
-        from loraflow.config import load_config
-        from loraflow.paths import Paths
+        from loraflow.core.config import load_config
+        from loraflow.core.paths import Paths
 
         cfg, paths = load_config("params.yaml"), Paths.at(Path.cwd())
         import loraflow.tasks.evaluate
@@ -215,7 +215,13 @@ def main() -> int:
 
     import subprocess
 
-    from bench.pipeline_project import ROOT, env_for, fresh_project, machine, write_result
+    from bench.pipeline_project import (
+        ROOT,
+        env_for,
+        fresh_project,
+        machine,
+        write_result,
+    )
 
     work = Path(args.work)
     logs = work / "logs"

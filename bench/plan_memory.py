@@ -115,10 +115,10 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from loraflow.config import Config
+    from loraflow.core.config import Config
+    from loraflow.core.paths import Paths
     from loraflow.model import loading
     from loraflow.model.targets import resolve_targets
-    from loraflow.paths import Paths
     from loraflow.train import lora
 
     torch.set_num_threads(threads)
@@ -206,7 +206,7 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
 
 
 def _config(model_dir: str, method: str):
-    from loraflow.config import Config
+    from loraflow.core.config import Config
 
     return Config.model_validate({
         "model": {"base": model_dir},

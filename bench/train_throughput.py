@@ -82,13 +82,13 @@ def main() -> int:
 
 def _setup(work: Path, records: int, hidden: int = 256, layers: int = 6) -> None:
     """The bench model and data, built once; loraflow's prepare stage writes the train split both sides read."""
+    import loraflow.tasks.prepare
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    import loraflow.tasks.prepare
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
     from loraflow.model.embedded import ensure_base
-    from loraflow.paths import Paths
 
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
@@ -133,9 +133,9 @@ def _overrides(work: Path, side: str = "ours") -> list[str]:
 
 def _run_one(side: str, work: Path) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
     from loraflow.data.splits import load_split
-    from loraflow.paths import Paths
 
     paths = Paths.at(work)
     rows = load_split(paths, "train")
@@ -146,9 +146,8 @@ def _run_one(side: str, work: Path) -> dict:
 
     import time
 
-    from transformers import TrainerCallback
-
     import loraflow.tasks.train
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):

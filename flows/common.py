@@ -12,9 +12,9 @@ from typing import Any
 
 from loraflow.tasks import runner
 
-from loraflow.config import Config, load_config
-from loraflow.errors import ConfigError, LoraflowError
-from loraflow.paths import Paths
+from loraflow.core.config import Config, load_config
+from loraflow.core.errors import ConfigError, LoraflowError
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 
 DEFAULT_TRAIN_DEPLOYMENT = "train/gpu"
@@ -48,9 +48,9 @@ def _to_prefect(line: str) -> None:
 
 @contextmanager
 def stage_logs() -> Iterator[None]:
-    """Stage messages (``loraflow.messages``) through the Prefect run logger, the flow run's or the task
+    """Stage messages (``loraflow.core.messages``) through the Prefect run logger, the flow run's or the task
     run's while a task runs: into the run's log (the UI) and, by Prefect's console handler, the terminal."""
-    from loraflow import messages
+    from loraflow.core import messages
 
     if messages.routed():  # an in-process subflow of a flow that already routes them
         yield
@@ -69,9 +69,9 @@ def as_config(value: Config | dict[str, Any] | None, params: str | None = None,
               overrides: list[str] | None = None) -> Config:
     """The typed config from a flow's parameters: a Config, its JSON form, or params.yaml + overrides.
 
-    ``${env:NAME}`` values are read from this process's environment (``loraflow.secretref``: how
+    ``${env:NAME}`` values are read from this process's environment (``loraflow.track.secretref``: how
     secrets reach a flow without being stored in its Prefect parameters)."""
-    from loraflow.secretref import has_reference, resolve
+    from loraflow.track.secretref import has_reference, resolve
 
     cfg = _as_config(value, params, overrides)
     dump = cfg.model_dump(mode="json")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loraflow.errors import LoraflowError
+from loraflow.core.errors import LoraflowError
 
 POOLS = ("cpu", "gpu")
 

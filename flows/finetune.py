@@ -45,13 +45,13 @@ from loraflow.tasks import runner
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from loraflow import fingerprint
-from loraflow.config import Config
-from loraflow.errors import ConfigError, TrainingError
-from loraflow.messages import note
-from loraflow.paths import Paths
-from loraflow.secretref import externalize
+from loraflow.core import fingerprint
+from loraflow.core.config import Config
+from loraflow.core.errors import ConfigError, TrainingError
+from loraflow.core.messages import note
+from loraflow.core.paths import Paths
 from loraflow.track import handoff, tracking
+from loraflow.track.secretref import externalize
 
 TRAIN_PARAMS = ("base_model", "method", "lora_r", "lora_alpha", "lora_scale", "lora_dropout", "lora_target_modules",
                 "quant_type", "double_quant", "compute_dtype", "trainable_params", "trainable_pct",
@@ -91,7 +91,7 @@ def _outputs(paths: Paths, stage: str) -> dict[str, Any]:
     """A stamp of what ``stage`` leaves on disk, stored with its cached result: a cache hit is
     trusted only while the files are still those (a ``loraflow stage`` run in between rewrites them).
     Small reports by md5; the merged model by name, size and mtime (hashing a 7B model costs a minute)."""
-    from loraflow.fingerprint import file_md5
+    from loraflow.core.fingerprint import file_md5
 
     files = [paths.report(stage)] + ([paths.samples] if stage == "evaluate" else [])
     stamp: dict[str, Any] = {str(f.relative_to(paths.root)): file_md5(f) if f.exists() else None for f in files}
@@ -220,7 +220,7 @@ def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str
 def _lint(config: Config, paths: Paths, tracker: tracking.MlflowTracker) -> None:
     """The planner's lints (the seed's four mistakes) at the start of every run, logged to MLflow."""
     from loraflow import planner
-    from loraflow.errors import LoraflowError
+    from loraflow.core.errors import LoraflowError
 
     try:
         found = planner.lints(config, paths, planner.plan(config, paths, with_lints=False),
@@ -365,7 +365,7 @@ def _cached_stage(task_obj: Any, stage: str, cfg: Config, paths: Paths, tracker:
 
 
 def _prepared_matches(paths: Paths, result: dict[str, Any]) -> bool:
-    from loraflow.fingerprint import dataset_digest
+    from loraflow.core.fingerprint import dataset_digest
 
     return paths.split("train").exists() and dataset_digest(paths.prepared) == result.get("dataset_digest")
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loraflow import private_api
-from loraflow.config import Config
-from loraflow.errors import LoraflowError
-from loraflow.paths import Paths
+from loraflow.core import private_api
+from loraflow.core.config import Config
+from loraflow.core.errors import LoraflowError
+from loraflow.core.paths import Paths
 
 
 def run_pipeline(cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def run_pipeline(cfg: Config, paths: Paths) -> dict[str, Any]:
     finally:
         if server is not None and api_url is None:
             server.stop()  # an error, or it never answered: the flow starts Prefect's own the usual way
-    from loraflow.secretref import externalize
+    from loraflow.track.secretref import externalize
 
     with prefect_api(api_url):
         # Prefect stores the parameters at creation, before the flow runs: secrets go as ${env:...} references
@@ -52,7 +52,11 @@ def prefect_api(url: str | None):
     a second for the heartbeat thread's sleep (two flow runs per pipeline)."""
     if url is None:
         return contextlib.nullcontext()
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     return temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 

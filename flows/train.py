@@ -36,8 +36,8 @@ from loraflow.tasks import runner
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from loraflow.config import Config
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.paths import Paths
 from loraflow.track import handoff
 
 # Extra transformers TrainerCallbacks for in-process runs (tests plant faults with one).

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from loraflow.errors import LoraflowError
-from loraflow.lock import project_lock
+from loraflow.core.errors import LoraflowError
+from loraflow.core.lock import project_lock
 
 STAGES = ("prepare", "train", "evaluate", "merge", "register")
 
@@ -54,7 +54,7 @@ def exit_fast(code: int) -> NoReturn:
     its stage returns.
     """
     try:
-        from loraflow.private_api import interpreter_teardown
+        from loraflow.core.private_api import interpreter_teardown
 
         interpreter_teardown()
         sys.stdout.flush()
@@ -131,8 +131,8 @@ def _quiet_environment() -> None:
 
 
 def _load(args: argparse.Namespace):
-    from loraflow.config import load_config
-    from loraflow.paths import Paths
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
 
     path = args.config
     if path is None and Path("params.yaml").exists():
@@ -179,12 +179,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace, cfg, paths) -> int:
     if args.name == "base-digest":  # dvc.yaml's always-changed stage: which weights model.base is now
-        from loraflow.fingerprint import write_digest_file
+        from loraflow.core.fingerprint import write_digest_file
 
         print(write_digest_file(cfg, paths))
         return 0
     if args.name == "base":
-        from loraflow.config import EMBEDDED_BASE
+        from loraflow.core.config import EMBEDDED_BASE
         from loraflow.model.loading import base_location
 
         if cfg.model.base != EMBEDDED_BASE:  # dvc.yaml's base stage still owns models/base
@@ -219,7 +219,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
     """The registry client and its URI: MLFLOW_TRACKING_URI, else the store next to ``-c`` params.yaml
     (or in the current folder). A missing local store is an error, not a new empty one."""
-    from loraflow.paths import Paths
+    from loraflow.core.paths import Paths
     from loraflow.track import tracking
 
     if args.config is not None and not Path(args.config).is_file():

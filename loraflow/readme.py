@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loraflow.config import load_config, reference_markdown
+from loraflow.core.config import load_config, reference_markdown
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loraflow.atomic import write_json, write_jsonl
-from loraflow.config import Config
+from loraflow.core.atomic import write_json, write_jsonl
+from loraflow.core.config import Config
+from loraflow.core.errors import DataError
+from loraflow.core.messages import say, stage
+from loraflow.core.paths import Paths
 from loraflow.data.splits import load_split
 from loraflow.data.textmetrics import exact_match, mean, token_f1
-from loraflow.errors import DataError
-from loraflow.messages import say, stage
 from loraflow.model.adapters import load_adapter_tokenizer, load_tuned, require_adapter
 from loraflow.model.generation import completion_loss, greedy_generate
-from loraflow.paths import Paths
 from loraflow.track.tracking import NullTracker, Tracker, loss_figure
 
 LOSS_METRICS = ("loss", "perplexity")

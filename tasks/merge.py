@@ -24,16 +24,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraflow.atomic import atomic_dir, write_json
-from loraflow.config import Config
+from loraflow.core.atomic import atomic_dir, write_json
+from loraflow.core.config import Config
+from loraflow.core.errors import DataError, LoraflowError
+from loraflow.core.messages import say, stage
+from loraflow.core.paths import Paths
 from loraflow.data.splits import load_split
-from loraflow.errors import DataError, LoraflowError
-from loraflow.messages import say, stage
 from loraflow.model import loading
-from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer, load_tuned, require_adapter, to_accelerator
+from loraflow.model.adapters import (
+    attach_adapter,
+    load_adapter_tokenizer,
+    load_tuned,
+    require_adapter,
+    to_accelerator,
+)
 from loraflow.model.generation import completion_loss, encode_example
 from loraflow.model.quant import dequantize_into
-from loraflow.paths import Paths
 from loraflow.track.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:

@@ -19,16 +19,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraflow.atomic import atomic_dir, write_json, write_jsonl
-from loraflow.config import Config
+from loraflow.core.atomic import atomic_dir, write_json, write_jsonl
+from loraflow.core.config import Config
+from loraflow.core.errors import DataError
+from loraflow.core.fingerprint import dataset_digest
+from loraflow.core.messages import note
+from loraflow.core.paths import Paths
 from loraflow.data.formats import BadRecord, check_fields, detect_format, render
 from loraflow.data.readers import find_source, read_records, too_long
 from loraflow.data.splits import SPLITS
-from loraflow.errors import DataError
-from loraflow.fingerprint import dataset_digest
-from loraflow.messages import note
 from loraflow.model.loading import load_tokenizer
-from loraflow.paths import Paths
 
 # Every reason a record can be dropped for; the report lists them all (zeros too) so that
 # `dvc metrics diff` compares the same keys from run to run.

@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow.atomic import write_json
-from loraflow.config import Config
+from loraflow.core.atomic import write_json
+from loraflow.core.config import Config
+from loraflow.core.errors import ModelError
+from loraflow.core.messages import say, stage
+from loraflow.core.paths import Paths
+from loraflow.core.private_api import mlflow_fluent_uri
 from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-from loraflow.errors import ModelError
-from loraflow.messages import say, stage
 from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
-from loraflow.paths import Paths
-from loraflow.private_api import mlflow_fluent_uri
 from loraflow.track import registry, tracking
 from loraflow.track.lineage import lineage, read_report
 from loraflow.track.tracking import NullTracker, Tracker
@@ -215,7 +215,7 @@ def base_reference(cfg: Config, paths: Paths) -> dict[str, str]:
 def _hub_commit(repo_id: str, revision: str | None) -> str | None:
     """The commit a hub revision resolves to in the local cache (``fingerprint.hub_commit``, no network);
     else the revision as configured, said so."""
-    from loraflow.fingerprint import hub_commit
+    from loraflow.core.fingerprint import hub_commit
 
     commit = hub_commit(repo_id, revision)
     if commit is None:

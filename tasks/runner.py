@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from loraflow.config import Config
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 from loraflow.track.lineage import read_report, source_tags
 

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loraflow.atomic import atomic_dir, atomic_file, write_json
-from loraflow.config import Config
-from loraflow.errors import DataError
-from loraflow.messages import say, say_block, stage
-from loraflow.paths import Paths
+from loraflow.core.atomic import atomic_dir, atomic_file, write_json
+from loraflow.core.config import Config
+from loraflow.core.errors import DataError
+from loraflow.core.messages import say, say_block, stage
+from loraflow.core.paths import Paths
 from loraflow.track.tracking import NullTracker, Tracker
 
 
@@ -50,8 +50,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     from transformers import set_seed
 
     from loraflow import planner
+    from loraflow.core.fingerprint import base_digest, file_md5
     from loraflow.data.splits import load_split
-    from loraflow.fingerprint import base_digest, file_md5
     from loraflow.model import loading, quant
     from loraflow.model.targets import resolve_targets
     from loraflow.train import checkpoints, label_audit, lora, memory, rankcheck, sft

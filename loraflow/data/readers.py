@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.core.errors import DataError
 from loraflow.data.formats import BadRecord, type_name
-from loraflow.errors import DataError
 
 EXTENSIONS = {
     ".jsonl": "jsonl",

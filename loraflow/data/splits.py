@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from loraflow.errors import DataError
-from loraflow.paths import Paths
+from loraflow.core.errors import DataError
+from loraflow.core.paths import Paths
 
 SPLITS = ("train", "val", "test")
 

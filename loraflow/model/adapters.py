@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from loraflow.config import Config
-from loraflow.errors import ModelError
+from loraflow.core.config import Config
+from loraflow.core.errors import ModelError
+from loraflow.core.paths import Paths
 from loraflow.model.loading import (
     compute_dtype,
     ensure_pad_token,
@@ -13,7 +14,6 @@ from loraflow.model.loading import (
     refuse_pickle_only,
     uses_4bit,
 )
-from loraflow.paths import Paths
 
 
 def require_adapter(paths: Paths) -> None:

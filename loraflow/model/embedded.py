@@ -27,15 +27,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow import progress
-from loraflow.atomic import atomic_dir
-from loraflow.errors import ConfigError
+from loraflow.core import progress
+from loraflow.core.atomic import atomic_dir
+from loraflow.core.errors import ConfigError
 
 if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
     from transformers import PreTrainedTokenizerFast
 
-    from loraflow.config import Config
-    from loraflow.paths import Paths
+    from loraflow.core.config import Config
+    from loraflow.core.paths import Paths
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 
@@ -356,7 +356,7 @@ def write_base_reference(cfg: Config, paths: Paths) -> Path:
     The text names ``model.base`` and nothing else the stage does not list as a param, so the file
     never goes stale without DVC noticing.
     """
-    from loraflow.config import EMBEDDED_BASE
+    from loraflow.core.config import EMBEDDED_BASE
 
     embedded = EMBEDDED_BASE
     target = paths.root / embedded

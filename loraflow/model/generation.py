@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from loraflow import progress
+from loraflow.core import progress
 
 if TYPE_CHECKING:
     import torch

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraflow.config import EMBEDDED_BASE, Config
-from loraflow.errors import ConfigError, ModelError
-from loraflow.paths import Paths
+from loraflow.core.config import EMBEDDED_BASE, Config
+from loraflow.core.errors import ConfigError, ModelError
+from loraflow.core.paths import Paths
 
 if TYPE_CHECKING:  # heavy imports stay out of `loraflow --help`
     import torch

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loraflow.errors import ModelError
+from loraflow.core.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from loraflow.config import QuantizationSection
+    from loraflow.core.config import QuantizationSection
 
 
 def bnb_config(q: "QuantizationSection", compute_dtype: "torch.dtype") -> "BitsAndBytesConfig":

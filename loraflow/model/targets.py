@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraflow.config import TARGET_PRESETS
-from loraflow.errors import ConfigError
+from loraflow.core.config import TARGET_PRESETS
+from loraflow.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -18,16 +18,22 @@ import os
 import sys
 from dataclasses import replace
 
-from loraflow.config import Config
-from loraflow.errors import ConfigError, TrainingError
+from loraflow.core.config import Config
+from loraflow.core.errors import ConfigError, TrainingError
+from loraflow.core.paths import Paths
 from loraflow.model import loading
-from loraflow.paths import Paths
 from loraflow.planner import estimates as est
 from loraflow.planner.checks import LINT_IDS, last_tracked_lora, lints
 from loraflow.planner.dataset import data_size
 from loraflow.planner.estimates import HEADROOM
 from loraflow.planner.result import GIB, METHODS, DataSize, Device, Lint, Memory, Plan
-from loraflow.planner.shapes import Linear, ModelShape, model_shape, read_config, resolve_targets
+from loraflow.planner.shapes import (
+    Linear,
+    ModelShape,
+    model_shape,
+    read_config,
+    resolve_targets,
+)
 
 __all__ = [
     "plan", "lints", "cli", "strict_check", "detect_device", "memory_estimates",

@@ -10,8 +10,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from loraflow.config import Config
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.paths import Paths
 from loraflow.planner.estimates import HEADROOM, QLORA_SLOWDOWN
 from loraflow.planner.result import GIB, Lint, Plan
 

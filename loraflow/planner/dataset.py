@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loraflow.config import Config
-from loraflow.errors import LoraflowError
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.errors import LoraflowError
+from loraflow.core.paths import Paths
 from loraflow.planner.result import DataSize
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraflow.config import Config
+from loraflow.core.config import Config
 from loraflow.planner.checks import _duration
 from loraflow.planner.estimates import HEADROOM
 from loraflow.planner.result import GIB, METHODS, Plan

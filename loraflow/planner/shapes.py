@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.config import Config
-from loraflow.errors import ConfigError, ModelError
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.errors import ConfigError, ModelError
+from loraflow.core.paths import Paths
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -71,7 +71,7 @@ def read_config(cfg: Config, paths: Paths) -> tuple["PretrainedConfig", str]:
     """
     from transformers import AutoConfig
 
-    from loraflow.config import EMBEDDED_BASE
+    from loraflow.core.config import EMBEDDED_BASE
     from loraflow.model.loading import base_location
 
     base = cfg.model.base
@@ -93,7 +93,7 @@ def _embedded_config() -> "PretrainedConfig":
     exists, else ``LlamaConfig(vocab_size=VOCAB_SIZE, **ARCH)`` from its published constants."""
     import importlib
 
-    from loraflow.config import EMBEDDED_BASE
+    from loraflow.core.config import EMBEDDED_BASE
 
     bm = importlib.import_module("loraflow.model.embedded")
     if hasattr(bm, "base_config"):

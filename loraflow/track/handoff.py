@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loraflow.atomic import atomic_dir
-from loraflow.errors import LoraflowError
-from loraflow.fingerprint import dataset_digest
-from loraflow.paths import Paths
+from loraflow.core.atomic import atomic_dir
+from loraflow.core.errors import LoraflowError
+from loraflow.core.fingerprint import dataset_digest
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 
 PREPARED = "prepared"
@@ -164,7 +164,7 @@ def _download_dir(cl: Any, run_id: str, path: str, into: Path) -> None:
 
 
 def _download_file(cl: Any, run_id: str, path: str, target: Path, required: bool) -> None:
-    from loraflow.atomic import atomic_file
+    from loraflow.core.atomic import atomic_file
 
     parent, _, name = path.rpartition("/")
     if not any(f.path.rpartition("/")[2] == name for f in cl.list_artifacts(run_id, parent or None)):

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraflow.config import Config
-from loraflow.fingerprint import dvc_lock_digest, git_commit, key, stage_inputs
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.fingerprint import dvc_lock_digest, git_commit, key, stage_inputs
+from loraflow.core.paths import Paths
 
 
 def read_report(paths: Paths, stage: str) -> dict[str, Any]:

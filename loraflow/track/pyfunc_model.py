@@ -39,7 +39,7 @@ _SHA_CACHE: dict[tuple, str] = {}
 def weights_sha256(folder: str | Path) -> str:
     """sha256 over the ``*.safetensors`` files of a model folder (relative names and bytes, in order).
 
-    Not ``loraflow.fingerprint``'s per-file hashes: this file is the logged model's code and runs
+    Not ``loraflow.core.fingerprint``'s per-file hashes: this file is the logged model's code and runs
     where loraflow is not installed, so it imports nothing of loraflow.
     """
     folder = Path(folder)

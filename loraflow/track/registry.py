@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from loraflow.config import LOWER_IS_BETTER
-from loraflow.errors import LoraflowError
+from loraflow.core.config import LOWER_IS_BETTER
+from loraflow.core.errors import LoraflowError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

@@ -44,7 +44,7 @@ def _template() -> Path:
         return path
     import sqlalchemy
 
-    from loraflow.private_api import mlflow_initialize_tables
+    from loraflow.core.private_api import mlflow_initialize_tables
 
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

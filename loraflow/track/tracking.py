@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from loraflow.paths import Paths
+from loraflow.core.paths import Paths
 
 
 class Tracker(Protocol):
@@ -91,7 +91,7 @@ def require_reachable(paths: Paths, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    from loraflow.errors import ConfigError
+    from loraflow.core.errors import ConfigError
 
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -150,7 +150,7 @@ def _store_call(fn):
         except Exception as e:
             if not _unreachable(e):
                 raise
-            from loraflow.errors import LoraflowError
+            from loraflow.core.errors import LoraflowError
 
             self.unreachable = True  # finish() does not wait through the retries a second time
             if getattr(self, "_pending", None) is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loraflow.config import Config
-from loraflow.errors import ConfigError
+from loraflow.core.config import Config
+from loraflow.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow import progress
-from loraflow.atomic import atomic_file
-from loraflow.errors import TrainingError
+from loraflow.core import progress
+from loraflow.core.atomic import atomic_file
+from loraflow.core.errors import TrainingError
 from loraflow.track.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.atomic import atomic_file
-from loraflow.config import Config
-from loraflow.errors import TrainingError
-from loraflow.messages import say
-from loraflow.paths import Paths
+from loraflow.core.atomic import atomic_file
+from loraflow.core.config import Config
+from loraflow.core.errors import TrainingError
+from loraflow.core.messages import say
+from loraflow.core.paths import Paths
 
 if TYPE_CHECKING:
     pass

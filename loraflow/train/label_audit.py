@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loraflow.errors import TrainingError
+from loraflow.core.errors import TrainingError
 from loraflow.train.sft import IGNORE
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loraflow.config import Config
+from loraflow.core.config import Config
 
 if TYPE_CHECKING:
     import torch

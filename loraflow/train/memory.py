@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from loraflow.config import Config
-from loraflow.errors import TrainingError
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.errors import TrainingError
+from loraflow.core.paths import Paths
 
 if TYPE_CHECKING:
     pass

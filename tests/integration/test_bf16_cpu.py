@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.track.tracking import NullTracker
 from tests.tiny import alpaca_records
 

@@ -22,7 +22,7 @@ STEPS = 60  # the shipped budget is 3 epochs (~320 steps); the gain shows well b
 
 def test_shipped_defaults_beat_the_base_and_register_a_champion(tmp_path, embedded_base, monkeypatch):
     from loraflow import cli
-    from loraflow.paths import Paths
+    from loraflow.core.paths import Paths
     from loraflow.track import registry, tracking
 
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.config import Config
-from loraflow.errors import ModelError
+from loraflow.core.config import Config
+from loraflow.core.errors import ModelError
+from loraflow.core.paths import Paths
 from loraflow.model import loading
-from loraflow.model.generation import IGNORE_INDEX, completion_loss, encode_example, greedy_generate
-from loraflow.paths import Paths
+from loraflow.model.generation import (
+    IGNORE_INDEX,
+    completion_loss,
+    encode_example,
+    greedy_generate,
+)
 
 PROMPT = "### Instruction:\n{}\n\n### Response:\n"
 QA = [
@@ -163,8 +168,8 @@ def test_evaluate_measures_the_4bit_model_as_trained(tmp_path, tiny_llama, monke
     so its losses are what those weights compute: the same NF4 weights dequantized into fp32, plus the adapter
     (what training computed, and what merge ships). ``cpu_repack_forced``: bitsandbytes repacks on any CPU."""
     import bitsandbytes as bnb
-
     import loraflow.tasks.evaluate
+
     from loraflow.model import quant
     from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer
 

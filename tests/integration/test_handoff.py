@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.atomic import write_json
-from loraflow.paths import Paths
+from loraflow.core.atomic import write_json
+from loraflow.core.paths import Paths
 from loraflow.track import handoff, tracking
 
 pytestmark = pytest.mark.slow  # an MLflow sqlite store is created per test (~5-20 s on a shared box)

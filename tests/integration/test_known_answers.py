@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from loraflow.config import Config
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.paths import Paths
 from tests.integration.test_evaluate import ROWS, make_project, plant_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +83,7 @@ def test_register_gates_on_the_evaluated_exact_match(tmp_path, tiny_llama, monke
     import loraflow.tasks.evaluate
     import loraflow.tasks.merge
     import loraflow.tasks.register
+
     from loraflow.track import registry, tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from loraflow.errors import LoraflowError, ModelError
+from loraflow.core.errors import LoraflowError, ModelError
 from loraflow.model import loading, quant
 from tests.integration.test_evaluate import ROWS, make_project, plant_adapter
 
@@ -90,9 +90,8 @@ def test_dequantized_merge_report(dequantized):
 
 def test_dequantized_merge_saved_model(dequantized):
     """Reloaded from disk: plain fp32, no LoRA, no quantization_config, = trained model, != base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from loraflow.tasks.merge import lora_modules
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, paths, trained, _, _ = dequantized
     config = json.loads((paths.merged / "config.json").read_text())
@@ -145,11 +144,11 @@ def test_eval_forward_on_4bit_model_before_merge_is_harmless(qlora, cpu_repack_f
 
     ``cpu_repack_forced``: bitsandbytes repacks here on any CPU, as on one with AVX512-BF16."""
     import bitsandbytes as bnb
+    from loraflow.tasks.merge import lora_modules
 
     from loraflow.model.adapters import attach_adapter, load_adapter_tokenizer
     from loraflow.model.generation import greedy_generate
     from loraflow.model.quant import dequantize_into
-    from loraflow.tasks.merge import lora_modules
 
     cfg, paths, trained = qlora
     tok = load_adapter_tokenizer(cfg, paths)
@@ -232,10 +231,10 @@ def test_reported_logit_diff_is_measured(lora, tmp_path, monkeypatch):
     """A known answer for merge's check: a "merge" that drops the adapter, let through by a huge tolerance,
     reports exactly |base - base+adapter|, which the test measures itself on the same probe (the first test rows,
     prompt + completion + EOS): the adapter's whole effect, far above merge.tolerance's default 1e-3."""
+    from loraflow.tasks.merge import PROBE_ROWS, _probe_batch
     from peft.tuners.tuners_utils import BaseTuner
 
     from loraflow.model.adapters import attach_adapter
-    from loraflow.tasks.merge import PROBE_ROWS, _probe_batch
 
     cfg, paths = lora
     cfg_t, paths_t = make_project(tmp_path, cfg.model.base, method="lora", merge={"tolerance": 1e9})

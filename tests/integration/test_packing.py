@@ -11,8 +11,8 @@ from transformers import AttentionInterface, set_seed
 from transformers.masking_utils import AttentionMaskInterface
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from loraflow.config import Config
-from loraflow.errors import ConfigError
+from loraflow.core.config import Config
+from loraflow.core.errors import ConfigError
 from loraflow.model import loading
 from loraflow.model.targets import resolve_targets
 from loraflow.train import lora, packing, sft

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.track import registry, tracking
 from tests.tiny import alpaca_records
 
@@ -60,7 +60,10 @@ def _prefect_log_lines(flow_run_id: str) -> list[str]:
 
 def _subflow_run(parent_flow_run_id: str) -> str:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -92,7 +95,7 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
     run = cl.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "lints" in run.data.tags  # the planner's lints ran at the start and were logged
-    # what the stages print on the terminal is in the Prefect run's log too (loraflow.messages, stage_logs)
+    # what the stages print on the terminal is in the Prefect run's log too (loraflow.core.messages, stage_logs)
     flow_run = run.data.tags["prefect_flow_run_id"]
     lines = _prefect_log_lines(flow_run)
     for expected in ("prepare: read 70 records", "==> evaluate", "==> merge", "==> register", "pipe v1 -> challenger"):
@@ -113,7 +116,8 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
 
     # data/prepared/ rewritten outside the flow (other split params): the cached prepare is not trusted.
     import loraflow.tasks.prepare
-    from loraflow.fingerprint import dataset_digest
+
+    from loraflow.core.fingerprint import dataset_digest
 
     digest = out["prepare"]["dataset_digest"]
     loraflow.tasks.prepare.run(load_config(None, overrides + ["data.val_fraction=0.3"]), paths)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.atomic import write_json
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.atomic import write_json
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.track import registry, tracking
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def project(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # The code digest hashes loraflow/ and tasks/, which may change while the suite runs in a
     # shared checkout; "same code" is what this test means, so hold it still.
-    monkeypatch.setattr("loraflow.fingerprint.code_digest", lambda: "code-digest-under-test")
+    monkeypatch.setattr("loraflow.core.fingerprint.code_digest", lambda: "code-digest-under-test")
     return Paths.at(tmp_path)
 
 
@@ -146,11 +146,11 @@ def _reference_generate(base_dir, adapter_dir, instructions, inputs=None):
 
 def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_path, tiny_llama, monkeypatch):
     """register.log=adapter: adapter + base reference (sha256 of a local base), not a base copy."""
+    import loraflow.tasks.register
     import pandas as pd
     from safetensors.torch import load_file, save_file
 
     import mlflow
-    import loraflow.tasks.register
     from loraflow.track.pyfunc_model import weights_sha256
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -204,6 +204,7 @@ def test_adapter_version_loads_on_its_pinned_base_and_renders_like_training(tmp_
 
 def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama, tmp_path, monkeypatch, capsys):
     import loraflow.tasks.register
+
     from loraflow import cli
 
     cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=cl"])

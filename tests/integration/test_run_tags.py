@@ -14,11 +14,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_stage_train_tags_its_run_with_the_commit_and_the_dvc_lock(tmp_path, tiny_llama, monkeypatch):
-    from mlflow import MlflowClient
-
     from loraflow import cli
-    from loraflow.paths import Paths
+    from loraflow.core.paths import Paths
     from loraflow.track import tracking
+    from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
     root = tmp_path / "project"

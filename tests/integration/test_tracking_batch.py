@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from loraflow.paths import Paths
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 
 

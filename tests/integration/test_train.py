@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import loraflow.tasks.train
 import pytest
 import torch
 from transformers import TrainerCallback
 
-import loraflow.tasks.train
-from loraflow.config import Config
-from loraflow.errors import TrainingError
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.errors import TrainingError
+from loraflow.core.paths import Paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

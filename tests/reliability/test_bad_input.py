@@ -12,8 +12,15 @@ import shutil
 
 import pytest
 
-from loraflow.paths import Paths
-from tests.reliability.conftest import alpaca, cli_in_process, error_line, run_cli, write_params, write_raw
+from loraflow.core.paths import Paths
+from tests.reliability.conftest import (
+    alpaca,
+    cli_in_process,
+    error_line,
+    run_cli,
+    write_params,
+    write_raw,
+)
 
 GOOD = [json.dumps(alpaca(i)).encode() for i in range(30)]
 
@@ -61,7 +68,7 @@ def test_a_bad_record_stops_with_its_line_or_is_skipped_and_counted(case, tiny_l
 
 def test_prompt_longer_than_max_length_is_never_trained_with_zero_supervised_tokens(tiny_llama, tmp_path):
     """Skipped and counted at prepare; what is kept has at least one answer token inside max_length."""
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
     from loraflow.data.splits import load_split
     from loraflow.model.loading import load_tokenizer
 

@@ -11,8 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from loraflow.lock import LOCK_FILE
-from tests.reliability.conftest import BIN, alpaca, kill, start, wait_for, write_params, write_prepared, write_raw
+from loraflow.core.lock import LOCK_FILE
+from tests.reliability.conftest import (
+    BIN,
+    alpaca,
+    kill,
+    start,
+    wait_for,
+    write_params,
+    write_prepared,
+    write_raw,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +109,7 @@ def test_a_secret_override_is_never_a_prefect_parameter_not_even_before_the_flow
     through the process environment (MLflow logs it, redacted), and neither the flow runs, their task
     runs, logs and artifacts on the server nor the command's output hold the password."""
     import httpx
+
     from mlflow import MlflowClient
 
     ref = "${env:LORAFLOW_SECRET_DATA_FIELDS_PROMPT}"
@@ -131,10 +141,10 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     import subprocess
     import sys
 
-    from loraflow.lock import project_lock
+    from loraflow.core.lock import project_lock
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from loraflow.lock import project_lock\n"
+        "import sys, time; from pathlib import Path; from loraflow.core.lock import project_lock\n"
         f"with project_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=Path(__file__).resolve().parents[2])
     try:

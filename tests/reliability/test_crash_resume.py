@@ -17,9 +17,17 @@ import sys
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.paths import Paths
-from tests.reliability.conftest import error_line, kill, run_cli, start, wait_for, write_params, write_prepared
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
+from tests.reliability.conftest import (
+    error_line,
+    kill,
+    run_cli,
+    start,
+    wait_for,
+    write_params,
+    write_prepared,
+)
 
 STEPS, SAVE = 12, 4
 
@@ -134,8 +142,8 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     start over); `train.resume: restart` starts at step 0. A finished run's kept checkpoint: removed, and
     training starts at step 0 with a note naming what changed (so `dvc exp run -S lora.r=...` after a
     finished run just trains)."""
-    from loraflow.errors import TrainingError
-    from loraflow.fingerprint import base_digest, file_md5
+    from loraflow.core.errors import TrainingError
+    from loraflow.core.fingerprint import base_digest, file_md5
     from loraflow.train import checkpoints
 
     # one trained project per session, copied per case (training it is the slow part)

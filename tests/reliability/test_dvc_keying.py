@@ -94,7 +94,7 @@ CODE = {
     "loraflow/model/generation.py": ("loraflow/model", {"base", "prepare", "train", "evaluate", "merge", "register"}),
     "tasks/merge.py": ("tasks/merge.py", {"merge"}),
     "tasks/train.py": ("tasks/train.py", {"train"}),
-    "loraflow/config.py": ("loraflow/config.py", set(STAGES)),  # every stage parses params.yaml through it
+    "loraflow/core/config.py": ("loraflow/core/config.py", set(STAGES)),  # every stage parses params.yaml through it
 }
 
 
@@ -194,9 +194,9 @@ def test_a_hub_base_is_keyed_by_its_cached_commit(tmp_path, monkeypatch):
     a 40-hex revision is that commit; not yet downloaded: no commit (the first load fetches it)."""
     import huggingface_hub.constants
 
-    from loraflow.config import load_config
-    from loraflow.fingerprint import base_fingerprint as fingerprint
-    from loraflow.paths import Paths
+    from loraflow.core.config import load_config
+    from loraflow.core.fingerprint import base_fingerprint as fingerprint
+    from loraflow.core.paths import Paths
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     paths = Paths.at(tmp_path / "project")

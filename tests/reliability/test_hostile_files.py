@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.config import load_config
-from loraflow.errors import ModelError
-from loraflow.paths import Paths
-from tests.reliability.conftest import cli_in_process, error_line, write_params, write_prepared
+from loraflow.core.config import load_config
+from loraflow.core.errors import ModelError
+from loraflow.core.paths import Paths
+from tests.reliability.conftest import (
+    cli_in_process,
+    error_line,
+    write_params,
+    write_prepared,
+)
 
 
 def pickle_only_base(tiny: Path, dest: Path) -> Path:
@@ -165,15 +170,16 @@ def test_a_params_file_with_a_python_tag_is_refused_without_running_it(tmp_path)
 
 
 def test_secret_values_travel_as_environment_references_and_an_unset_one_is_one_line(monkeypatch):
-    """What `loraflow run` hands a flow (loraflow.secretref): each secret-looking value becomes
+    """What `loraflow run` hands a flow (loraflow.track.secretref): each secret-looking value becomes
     ${env:LORAFLOW_SECRET_<KEY>} with the value in the environment; the flow's as_config reads it back;
     a reference to an unset variable (a deployment's worker without it) is one ConfigError line."""
     import os
 
     from loraflow.flows.common import as_config
-    from loraflow.config import load_config
-    from loraflow.errors import ConfigError
-    from loraflow.secretref import externalize
+
+    from loraflow.core.config import load_config
+    from loraflow.core.errors import ConfigError
+    from loraflow.track.secretref import externalize
 
     cfg = load_config(None, ["data.fields.prompt=postgresql://u:pw9@db/x", "data.fields.hf_token=hf_abc",
                              "data.path=data/raw/x.jsonl", "lora.r=4"])

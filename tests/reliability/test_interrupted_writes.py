@@ -10,10 +10,16 @@ import sys
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.fingerprint import dataset_digest
-from loraflow.paths import Paths
-from tests.reliability.conftest import kill, start, wait_for, write_params, write_prepared
+from loraflow.core.config import load_config
+from loraflow.core.fingerprint import dataset_digest
+from loraflow.core.paths import Paths
+from tests.reliability.conftest import (
+    kill,
+    start,
+    wait_for,
+    write_params,
+    write_prepared,
+)
 
 # The child process: the real merge stage, whose safetensors write is cut off halfway and then held
 # there (the file on disk is half written), so that the test's kill -9 lands mid-write every time.
@@ -93,7 +99,8 @@ def test_a_half_file_from_outside_loraflow_is_one_line_never_a_crash(tiny_llama,
     import shutil
 
     import loraflow.tasks.train
-    from loraflow.errors import DataError, ModelError
+
+    from loraflow.core.errors import DataError, ModelError
     from loraflow.model import loading
     from tests.reliability.conftest import cli_in_process, error_line
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 from tests.reliability.conftest import alpaca, write_raw
 
@@ -77,7 +77,7 @@ def test_training_reruns_exactly_when_data_params_base_or_code_change(tmp_path, 
     assert pipeline("train.learning_rate=0.003")[0] is True, "new base weights at the same path did not re-run training"
 
     # The code: the key's code input (what an edit of loraflow/ or tasks/ changes) is different.
-    from loraflow import fingerprint
+    from loraflow.core import fingerprint
 
     real = fingerprint.code_digest()
     monkeypatch.setattr(fingerprint, "code_digest", lambda: "edited-" + real)
@@ -90,9 +90,8 @@ def test_a_planted_secret_never_reaches_prefects_parameters_artifacts_or_logs(tm
                                                                                monkeypatch):
     """A password in a config value (a URI) and a token in the environment: the flow run's stored
     parameters, its artifacts and its logs on the Prefect server hold neither (queried over its API)."""
-    from prefect.client.orchestration import get_client
-
     import loraflow.flows.finetune as ff
+    from prefect.client.orchestration import get_client
 
     password, token = "plantedPwP4", "hf_plantedTokP5"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -141,6 +140,7 @@ def test_a_rerun_with_nothing_changed_trains_evaluates_and_merges_nothing(tmp_pa
     """The no-op re-run (issue 8): train, evaluate and merge Cached, their metrics copied into the new
     MLflow run, the same champion; a report rewritten on disk in between makes that stage run again."""
     import loraflow.flows.finetune as ff
+
     from loraflow.track import registry
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

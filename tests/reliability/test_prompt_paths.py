@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from loraflow.config import load_config
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.data.splits import load_split
-from loraflow.paths import Paths
 from tests.reliability.conftest import alpaca, cli_in_process, write_params, write_raw
 
 pyfunc_model = pytest.importorskip("loraflow.track.pyfunc_model")
@@ -33,10 +33,11 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_record_renders_to_the_same_bytes_and_tokens_everywhere(case, tiny_llama, tmp_path):
+    from loraflow.tasks.prepare import content_key
+
     from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
     from loraflow.model import loading
     from loraflow.train import lora, sft
-    from loraflow.tasks.prepare import content_key
 
     record, request = CASES[case]
     filler = [alpaca(i) for i in range(30)] if case.startswith("alpaca") else [

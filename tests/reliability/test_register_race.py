@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from loraflow.atomic import write_json
-from loraflow.paths import Paths
+from loraflow.core.atomic import write_json
+from loraflow.core.paths import Paths
 from loraflow.track.registry import LOCK_SUFFIX
 from tests.reliability.conftest import BIN, kill, start, write_params
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import alpaca, error_line, run_cli, write_params, write_prepared, write_raw
+from tests.reliability.conftest import (
+    alpaca,
+    error_line,
+    run_cli,
+    write_params,
+    write_prepared,
+    write_raw,
+)
 from tests.system.servers import free_port
 
 
@@ -116,8 +123,8 @@ def test_a_tracking_server_killed_mid_training_is_one_line_and_the_run_is_ended_
         orphan = runs[0].info.run_id
         # ... until the next loraflow run on this machine starts (tracking.start_run, what `stage train` and
         # `run` call first): it ends the orphan FAILED and opens its own run.
-        from loraflow.config import load_config
-        from loraflow.paths import Paths
+        from loraflow.core.config import load_config
+        from loraflow.core.paths import Paths
         from loraflow.track import tracking
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

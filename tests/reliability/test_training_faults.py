@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 
+import loraflow.tasks.train
 import pytest
 import torch
 from transformers import TrainerCallback
 
-import loraflow.tasks.train
-from loraflow.config import load_config
-from loraflow.errors import LoraflowError, TrainingError
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.errors import LoraflowError, TrainingError
+from loraflow.core.paths import Paths
 from tests.reliability.conftest import write_params, write_prepared
 
 

@@ -41,11 +41,11 @@ RECORDS = alpaca_records(50)
 # dvc.yaml's code deps against the real imports
 
 # Every `loraflow stage NAME` parses params.yaml through these, whatever the stage.
-COMMON = ["loraflow.config", "loraflow.paths", "loraflow.errors", "loraflow.lock", "loraflow.private_api"]
+COMMON = ["loraflow.core.config", "loraflow.core.paths", "loraflow.core.errors", "loraflow.core.lock", "loraflow.core.private_api"]
 # What each stage runs: cmd_stage's branch for it, and for the pipeline stages the one stage runner.
 ENTRY = {
     "base": ["loraflow.model.loading", "loraflow.model.embedded"],  # base_location, or REFERENCE.md for another base
-    "base-digest": ["loraflow.fingerprint"],  # models/base.digest.json: which weights model.base is
+    "base-digest": ["loraflow.core.fingerprint"],  # models/base.digest.json: which weights model.base is
     **{s: ["loraflow.tasks.runner", f"loraflow.tasks.{s}"] for s in ("prepare", "train", "evaluate", "merge", "register")},
 }
 # Imported on the way but never run by the stage, so editing them must not re-run it.
@@ -178,7 +178,7 @@ def test_stage_params_exist_in_params_yaml():
 
 def test_base_stage_for_another_base_writes_a_reference_and_the_default_rebuilds(tmp_path, monkeypatch):
     from loraflow import cli
-    from loraflow.atomic import atomic_dir
+    from loraflow.core.atomic import atomic_dir
     from loraflow.model import embedded
 
     monkeypatch.chdir(tmp_path)
@@ -204,7 +204,7 @@ def test_base_stage_for_another_base_writes_a_reference_and_the_default_rebuilds
 
 
 def test_dvc_outside_git_fails_with_dvcs_own_message(tmp_path):
-    from loraflow.fingerprint import git_commit
+    from loraflow.core.fingerprint import git_commit
 
     if subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode == 0:
         pytest.skip(f"{tmp_path} is inside a git work tree")
@@ -430,7 +430,7 @@ def _walk_exps(node):
 
 @pytest.mark.slow
 def test_push_and_pull_through_a_local_remote(repo):
-    from loraflow.fingerprint import dataset_digest
+    from loraflow.core.fingerprint import dataset_digest
 
     root = repo.root
     repo.sh("dvc", "remote", "add", "--default", "--force", "storage", str(repo.tmp / "remote"))

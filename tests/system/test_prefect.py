@@ -318,8 +318,9 @@ def test_rerun_with_nothing_changed_skips_prepare_and_training(stack):
 def _handed_over_project(stack, tmp_path: Path, monkeypatch, name: str, **extra: Any):
     """A prepared project on "the cpu box" whose data went up to a fresh MLflow run; returns (config, run id)."""
     import loraflow.tasks.prepare
-    from loraflow.config import load_config
-    from loraflow.paths import Paths
+
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
     from loraflow.track import handoff, tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
@@ -335,9 +336,12 @@ def _handed_over_project(stack, tmp_path: Path, monkeypatch, name: str, **extra:
 
 
 def _run_train_flow(stack, cfg, run_id: str, root: Path):
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
-
     import loraflow.flows.train
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
 
     # no logs to the API from this process: its log handler would still be flushing after the server stopped
     with temporary_settings({PREFECT_API_URL: stack["api"], PREFECT_LOGGING_TO_API_ENABLED: False}):
@@ -351,9 +355,9 @@ def _train_task_run(stack, state):
 
 
 def test_crashed_training_is_retried_and_resumes_from_its_checkpoint(stack, tmp_path, monkeypatch):
+    import loraflow.flows.train
     from transformers import TrainerCallback
 
-    import loraflow.flows.train
     from mlflow import MlflowClient
 
     class CrashOnce(TrainerCallback):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 from tests.integration.test_register import _stage_outputs
 from tests.system.servers import free_port, start, stop, wait_http
@@ -21,10 +21,10 @@ BIN = Path(sys.executable).parent
 
 
 def test_mlflow_models_serve_answers_invocations_with_generated_text(tmp_path, tiny_llama, monkeypatch):
+    import loraflow.tasks.register
     import pandas as pd
 
     import mlflow
-    import loraflow.tasks.register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     paths = Paths.at(tmp_path)
@@ -68,12 +68,12 @@ def test_served_qlora_adapter_computes_what_was_evaluated_without_the_cpu_repack
     """register.log=adapter of a QLoRA adapter: the pyfunc loads its base in 4-bit itself (it imports nothing from
     loraflow), so it turns bitsandbytes' CPU repack off itself (docs/traps.md §1). Forced on, as on an AVX512-BF16 CPU:
     after predicting, no layer is repacked, and the answers are the evaluate stage's (its model, greedy_generate)."""
+    import bitsandbytes as bnb
+    import loraflow.tasks.register
     import pandas as pd
 
-    import bitsandbytes as bnb
     import mlflow
-    import loraflow.tasks.register
-    from loraflow.atomic import write_json
+    from loraflow.core.atomic import write_json
     from loraflow.data.formats import render_prompt
     from loraflow.model import loading
     from loraflow.model.adapters import load_adapter_tokenizer, load_tuned

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.errors import ConfigError
+from loraflow.core.errors import ConfigError
 from loraflow.model import embedded
 from loraflow.model.corpus import generate
 from loraflow.model.corpus.facts import all_facts

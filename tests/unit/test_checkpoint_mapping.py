@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from loraflow.config import load_config
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 from loraflow.model import loading, quant
-from loraflow.paths import Paths
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 

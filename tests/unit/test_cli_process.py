@@ -52,7 +52,7 @@ def test_early_server_serves_the_flow_and_stops_without_importing_prefects_serve
     proc = _python("""
         import json, sys, urllib.request
         from loraflow.flows.local import TemporaryServer, prefect_api
-        from loraflow.config import Config
+        from loraflow.core.config import Config
 
         server = TemporaryServer.spawn(Config())  # first, as `loraflow run` does; then the flow's imports
         assert server is not None

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import Config, load_config
-from loraflow.errors import ConfigError
+from loraflow.core.config import Config, load_config
+from loraflow.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import fingerprint
+from loraflow.core import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = b"schema: '2.0'\nstages:\n  prepare:\n    cmd: loraflow stage prepare\n"
@@ -97,7 +97,7 @@ def test_code_digest_moves_with_any_source_file_and_nothing_else(source_copy):
     first = digest()
     assert re.fullmatch(r"[0-9a-f]{32}", first) and digest() == first
 
-    config = copies / "loraflow" / "config.py"
+    config = copies / "loraflow" / "core" / "config.py"
     original = config.read_bytes()
     config.write_bytes(original + b"\n# one more line\n")
     changed = digest()
@@ -134,7 +134,7 @@ def test_code_digest_moves_with_any_source_file_and_nothing_else(source_copy):
 def test_code_digest_works_where_the_checkout_is_not_on_sys_path(tmp_path):
     """``loraflow stage register`` runs in the project's folder, where only the installed packages import (the
     stages as ``loraflow.tasks``: a top-level ``tasks`` imports only from the checkout's root)."""
-    code = "from loraflow.fingerprint import code_digest; print(code_digest())"
+    code = "from loraflow.core.fingerprint import code_digest; print(code_digest())"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120, check=False)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.config import load_config
-from loraflow.data.formats import BadRecord, check_fields, detect_format, render, render_prompt
-from loraflow.errors import ConfigError, DataError
+from loraflow.core.config import load_config
+from loraflow.core.errors import ConfigError, DataError
+from loraflow.core.paths import Paths
+from loraflow.data.formats import (
+    BadRecord,
+    check_fields,
+    detect_format,
+    render,
+    render_prompt,
+)
 from loraflow.model.loading import load_tokenizer
-from loraflow.paths import Paths
 
 
 @pytest.fixture

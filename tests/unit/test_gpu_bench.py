@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from loraflow import planner
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -62,8 +62,8 @@ def _closed_port() -> int:
 def test_plan_history_lookup_gives_up_at_once_on_a_server_that_is_down(tmp_path, monkeypatch):
     """The planner's look at the last tracked run is advice: a server that is down costs it a second,
     not MLflow's retries (3 retries = 2+4+8 s of backoff with loraflow's bounds, minutes with MLflow's)."""
-    from loraflow.config import load_config
-    from loraflow.paths import Paths
+    from loraflow.core.config import load_config
+    from loraflow.core.paths import Paths
     from loraflow.planner.checks import last_tracked_lora
     from loraflow.track import tracking
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.config import Config
-from loraflow.errors import TrainingError
-from loraflow.paths import Paths
+from loraflow.core.config import Config
+from loraflow.core.errors import TrainingError
+from loraflow.core.paths import Paths
 from loraflow.train.sft import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

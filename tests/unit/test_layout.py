@@ -26,3 +26,13 @@ def test_the_core_has_no_import_cycle_between_model_and_planner():
     """loraflow/model never imports the planner (the planner imports model/ for the base's location)."""
     for f in (ROOT / "loraflow" / "model").rglob("*.py"):
         assert "loraflow.planner" not in f.read_text(encoding="utf-8"), f
+
+
+def test_core_imports_no_other_loraflow_package():
+    """loraflow/core is the bottom layer every stage shares (dvc.yaml names it as one dependency): it
+    imports nothing from loraflow's other packages, the stages or the flows."""
+    import re
+
+    for f in (ROOT / "loraflow" / "core").rglob("*.py"):
+        for name in re.findall(r"^\s*(?:from|import)\s+(loraflow[\w.]*)", f.read_text(encoding="utf-8"), re.M):
+            assert name == "loraflow" or name.startswith("loraflow.core"), f"{f.name} imports {name}"

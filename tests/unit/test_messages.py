@@ -1,8 +1,8 @@
-"""loraflow.messages: stderr without a route; only the route (Prefect's run logger in a flow) with one, never both."""
+"""loraflow.core.messages: stderr without a route; only the route (Prefect's run logger in a flow) with one, never both."""
 
 from __future__ import annotations
 
-from loraflow import messages
+from loraflow.core import messages
 
 
 def test_lines_go_to_stderr_alone_or_to_the_route_alone(capsys):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from loraflow import planner
-from loraflow.config import load_config
-from loraflow.errors import ConfigError, ModelError, TrainingError
-from loraflow.paths import Paths
+from loraflow.core.config import load_config
+from loraflow.core.errors import ConfigError, ModelError, TrainingError
+from loraflow.core.paths import Paths
 from loraflow.planner import estimates as est
 
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -576,7 +576,7 @@ def test_stage_train_strict(tmp_path, root, capsys, monkeypatch):
 
     # no warnings: strict lets it through (the check itself; the run that follows is the pipeline's tests')
     ok = strict_project(tmp_path, root, r=16)
-    from loraflow.config import load_config
+    from loraflow.core.config import load_config
 
     assert planner.strict_check(load_config(str(ok), []), Paths.at(root)) == 0
     assert capsys.readouterr().err == ""

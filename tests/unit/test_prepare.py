@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from loraflow.config import load_config
-from loraflow.data.splits import load_split
-from loraflow.errors import DataError
-from loraflow.paths import Paths
 from loraflow.tasks import prepare
+
+from loraflow.core.config import load_config
+from loraflow.core.errors import DataError
+from loraflow.core.paths import Paths
+from loraflow.data.splits import load_split
 
 
 def alpaca(i: int) -> dict:
@@ -230,7 +230,7 @@ def test_dataset_digest_equals_dvc(tmp_path, tiny_llama, monkeypatch):
     import yaml
     from dvc.repo import Repo
 
-    from loraflow.fingerprint import dataset_digest
+    from loraflow.core.fingerprint import dataset_digest
 
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".site-cache"))

@@ -1,6 +1,6 @@
-"""loraflow/private_api.py: the private names loraflow uses still exist, in the versions they were read in.
+"""loraflow/core/private_api.py: the private names loraflow uses still exist, in the versions they were read in.
 
-A failure here is not a bug: a library moved. Re-read the use in loraflow/private_api.py against the
+A failure here is not a bug: a library moved. Re-read the use in loraflow/core/private_api.py against the
 new version, then update CHECKED_AGAINST."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import importlib
 import importlib.metadata as md
 import sys
 
-from loraflow import private_api
+from loraflow.core import private_api
 
 
 def test_installed_versions_are_the_ones_the_private_uses_were_checked_against():

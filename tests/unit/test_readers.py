@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from loraflow.core.errors import DataError
 from loraflow.data.readers import find_source, read_records
-from loraflow.errors import DataError
 
 RECORDS = [
     {"instruction": "What is the opposite of hot?", "output": "cold"},

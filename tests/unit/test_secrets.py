@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from loraflow.paths import Paths
+from loraflow.core.paths import Paths
 from loraflow.track import tracking
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from loraflow.paths import Paths
+from loraflow.core.paths import Paths
 from loraflow.track import sqlite_store, tracking
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from loraflow import fingerprint
-from loraflow.config import load_config
-from loraflow.paths import Paths
+from loraflow.core import fingerprint
+from loraflow.core.config import load_config
+from loraflow.core.paths import Paths
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow.errors import ConfigError
+from loraflow.core.errors import ConfigError
 from loraflow.model.targets import linear_modules, resolve_targets
 
 EXPECTED = {
@@ -144,10 +144,10 @@ def test_preset_that_matches_nothing_names_the_layers():
 
 def test_same_names_on_a_4bit_model(tiny_models, tmp_path):
     """Linear4bit layers (QLoRA) resolve exactly like the full-precision ones."""
-    from loraflow.config import Config
+    from loraflow.core.config import Config
+    from loraflow.core.paths import Paths
     from loraflow.model.loading import load_model
     from loraflow.model.quant import count_4bit_layers
-    from loraflow.paths import Paths
 
     cfg = Config.model_validate({"model": {"base": str(tiny_models["llama"])}})
     model = load_model(cfg, Paths.at(tmp_path), quantized=True)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from loraflow.errors import ConfigError
+from loraflow.core.errors import ConfigError
 
 PREFIX = "LORAFLOW_SECRET_"
 REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraflow.errors import ConfigError
+from loraflow.core.errors import ConfigError
 
 TARGET_PRESETS = ("attention-qv", "attention", "mlp", "all-linear")
 EVAL_METRICS = ("loss", "perplexity", "exact_match", "token_f1")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from loraflow.errors import LoraflowError
+from loraflow.core.errors import LoraflowError
 
 LOCK_FILE = ".loraflow.lock"
 

@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.atomic import write_json
-from loraflow.config import EMBEDDED_BASE, Config
-from loraflow.paths import Paths
+from loraflow.core.atomic import write_json
+from loraflow.core.config import EMBEDDED_BASE, Config
+from loraflow.core.paths import Paths
 
 DVC_DIR_SUFFIX = ".dir"
 

@@ -124,13 +124,14 @@ def train_task(config: Config, root: str, run_id: str, dataset_digest: str, depl
     paths = Paths.at(root)
     _lint(config, paths, _tracker(root, run_id))
     if deployment:
-        _train_on_deployment(config, paths, run_id, deployment)
+        _train_on_deployment(config, paths, run_id, deployment, dataset_digest)
         report = handoff.read_json_artifact(paths, run_id, "reports/train.json")
     else:
         from loraflow.flows.train import train
 
         # secrets as ${env:...} references (the subflow's stored parameters): it runs in this process
-        report = train(run_id=run_id, config=externalize(config.model_dump(mode="json")), root=str(paths.root))
+        report = train(run_id=run_id, config=externalize(config.model_dump(mode="json")), root=str(paths.root),
+                       dataset_digest=dataset_digest)
     return {**report, "adapter_run_id": run_id, "trained_on": deployment or "in-process"}
 
 
@@ -152,8 +153,9 @@ def merge_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
 
 
 @task(name="register", task_run_name="register {config.register.model_name}")
-def register_task(config: Config, root: str, run_id: str | None) -> dict[str, Any]:
-    return plain(runner.run_stage("register", config, Paths.at(root), _tracker(root, run_id)))
+def register_task(config: Config, root: str, run_id: str | None, dataset_digest: str) -> dict[str, Any]:
+    return plain(runner.run_stage("register", config, Paths.at(root), _tracker(root, run_id),
+                                  dataset_digest=dataset_digest))
 
 
 # --------------------------------------------------------------------------------------------- training elsewhere
@@ -185,7 +187,7 @@ def require_server(deployment: str | None) -> str | None:
     return url
 
 
-def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str) -> None:
+def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str, dataset_digest: str) -> None:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -196,7 +198,7 @@ def _train_on_deployment(cfg: Config, paths: Paths, run_id: str, deployment: str
     log.info(f"training on deployment {deployment} (MLflow run {run_id}); waiting up to {wait} s")
     try:
         # secrets as ${env:...} references: the deployment's worker reads them from its own environment
-        child = run_deployment(name=deployment, parameters={"run_id": run_id,
+        child = run_deployment(name=deployment, parameters={"run_id": run_id, "dataset_digest": dataset_digest,
                                                             "config": externalize(cfg.model_dump(mode="json"))},
                                flow_run_name=f"train {label(cfg)}", timeout=wait, poll_interval=2,
                                tags=["loraflow", f"mlflow-run:{run_id}"])
@@ -294,7 +296,7 @@ def _finetune(params: str | None, overrides: list[str] | None, root: str | None,
         out["evaluate"] = _cached_stage(evaluate_task, "evaluate", cfg, paths, tracker)
         _publish_evaluate(out["evaluate"], paths, run_id)
         out["merge"] = _cached_stage(merge_task, "merge", cfg, paths, tracker)
-        out["register"] = retrying(register_task, cfg)(cfg, root, run_id)
+        out["register"] = retrying(register_task, cfg)(cfg, root, run_id, data_digest)
         _publish_register(out["register"], paths, run_id)
         for extra in (paths.samples, paths.train_log, paths.label_audit):
             tracker.log_artifact(extra, "reports")

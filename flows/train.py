@@ -97,10 +97,11 @@ def deadline_callback(seconds: float) -> Any:
 
 
 @task(name="train")
-def train_stage(config: Config, root: str, run_id: str) -> dict[str, Any]:
+def train_stage(config: Config, root: str, run_id: str, dataset_digest: str | None) -> dict[str, Any]:
     """The train stage; a retry re-enters it and it resumes from its last checkpoint in outputs/checkpoints."""
     callbacks = [deadline_callback(config.orchestration.train_timeout_s), *EXTRA_CALLBACKS]
-    return plain(runner.run_stage("train", config, Paths.at(root), tracker(root, run_id), callbacks=callbacks))
+    return plain(runner.run_stage("train", config, Paths.at(root), tracker(root, run_id), callbacks=callbacks,
+                                  dataset_digest=dataset_digest))
 
 
 @task(name="upload adapter")
@@ -109,18 +110,20 @@ def publish_adapter(root: str, run_id: str) -> bool:
 
 
 @flow(name="train", flow_run_name=run_name("train"))
-def train(run_id: str, config: dict[str, Any], root: str | None = None) -> dict[str, Any]:
+def train(run_id: str, config: dict[str, Any], root: str | None = None,
+          dataset_digest: str | None = None) -> dict[str, Any]:
     """Train the adapter of MLflow run ``run_id`` with ``config`` (the full config as JSON).
 
     ``root``: the project folder to work in; default ``$LORAFLOW_WORK_DIR/<run_id>`` (a folder of
     its own, filled from MLflow). In-process the pipeline passes its own root and nothing is copied.
+    ``dataset_digest``: the prepared data's digest as prepare returned it (None: from prepare's report).
     """
     quiet_worker()
     with stage_logs():
-        return _train(run_id, config, root)
+        return _train(run_id, config, root, dataset_digest)
 
 
-def _train(run_id: str, config: dict[str, Any], root: str | None) -> dict[str, Any]:
+def _train(run_id: str, config: dict[str, Any], root: str | None, dataset_digest: str | None) -> dict[str, Any]:
     cfg = as_config(config)
     redact_stored_parameters()  # the config parameter may hold a password in a URI
     root = root or work_dir(run_id)
@@ -134,7 +137,7 @@ def _train(run_id: str, config: dict[str, Any], root: str | None) -> dict[str, A
     result = retrying(train_stage, cfg).with_options(
         task_run_name=f"train {label(cfg)} on {where.split(' ')[0]}",
         timeout_seconds=cfg.orchestration.train_timeout_s * 1.1 + 60,  # backstop; the deadline callback stops first
-    )(cfg, root, run_id)
+    )(cfg, root, run_id, dataset_digest)
     retrying(publish_adapter, cfg).with_options(task_run_name=f"upload adapter/ to run {run_id[:8]}")(root, run_id)
 
     rows = [["steps", result.get("steps")], ["final train loss", result.get("train_loss")],

@@ -48,7 +48,11 @@ class RegisterResult:
     lineage: dict[str, str] = field(default_factory=dict)
 
 
-def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> RegisterResult:
+def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), dataset_digest: str | None = None) -> RegisterResult:
+    """Log the merged model (or the adapter), register it unless its lineage is registered, and gate it.
+
+    ``dataset_digest``: the prepared data's digest as prepare returned it (the flow passes it on); None
+    takes it from prepare's report (``loraflow stage``, ``dvc repro``)."""
     stage("register")
     evaluation, merge = read_report(paths, "evaluate"), read_report(paths, "merge")
     if not evaluation or not merge or not (paths.merged / "config.json").exists():
@@ -56,7 +60,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> Register
     if cfg.register.log == "adapter":
         require_adapter(paths)
     name = cfg.register.model_name
-    tags, key = lineage(cfg, paths)
+    tags, key = lineage(cfg, paths, dataset_digest)
     cl = tracking.client(paths)
 
     existing = _version_with_key(cl, name, key)

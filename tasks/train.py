@@ -41,16 +41,19 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: list | None = None) -> TrainResult:
+def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: list | None = None,
+        dataset_digest: str | None = None) -> TrainResult:
     """Train the adapter, save it to ``paths.adapter`` and write ``reports/train.json``.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to plant faults).
+    ``dataset_digest``: the prepared data's digest as prepare returned it (the flows pass it on); None
+    takes it from prepare's report, its result persisted (``loraflow stage``, ``dvc repro``: one process
+    per stage). ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to plant faults).
     """
     import torch
     from transformers import set_seed
 
     from loraflow import planner
-    from loraflow.core.fingerprint import base_digest, file_md5
+    from loraflow.core.fingerprint import prepared_digest
     from loraflow.data.splits import load_split
     from loraflow.model import loading, quant
     from loraflow.model.targets import resolve_targets
@@ -59,6 +62,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
 
     stage("train")
     started = time.perf_counter()
+    dataset_digest = dataset_digest or prepared_digest(paths)
     set_seed(cfg.train.seed)
 
     # data
@@ -85,10 +89,10 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
         f"{method} on {cfg.model.base}: r={cfg.lora.r}, alpha={cfg.lora.alpha:g} (scale {cfg.lora.scale:g}), "
         f"targets {', '.join(targets)}; {trainable:,} trainable params ({pct:.3f}% of {total:,})"
     )
-    params = _params(cfg, paths, method, targets, trainable, pct)
+    params = _params(cfg, method, targets, trainable, pct) | {"dataset_digest": dataset_digest}
     tracker.log_params(params)
-    if "dataset_digest" in params:  # the same digest as an MLflow dataset input: "Datasets used" in the UI
-        tracker.log_dataset("prepared", params["dataset_digest"], _rel(paths, paths.prepared), "training")
+    # the same digest as an MLflow dataset input: "Datasets used" in the UI
+    tracker.log_dataset("prepared", dataset_digest, _rel(paths, paths.prepared), "training")
 
     # trainer, and what it will train on
     log = TrainLog(paths.train_log, tracker)
@@ -101,7 +105,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), callbacks: 
     say_block(audit.text)
 
     # resume only from a checkpoint of this same setup; anything else starts over
-    fp = checkpoints.fingerprint(cfg, targets, method, file_md5(paths.split("train")), base_digest(cfg, paths))
+    fp = checkpoints.fingerprint(cfg, paths, method=method, targets=targets, dataset=dataset_digest)
     resume = checkpoints.plan_resume(paths, fp, checkpoints.planned_steps(trainer), restart=cfg.train.resume == "restart")
     if resume.note:
         say(resume.note)
@@ -193,7 +197,7 @@ def _optional_split(paths: Paths, name: str) -> list[dict]:
     return load_split(paths, name) if paths.split(name).exists() else []
 
 
-def _params(cfg: Config, paths: Paths, method: str, targets: list[str], trainable: int, pct: float) -> dict[str, Any]:
+def _params(cfg: Config, method: str, targets: list[str], trainable: int, pct: float) -> dict[str, Any]:
     """The contract's MLflow run params."""
     from loraflow.model.loading import compute_dtype
 
@@ -213,14 +217,6 @@ def _params(cfg: Config, paths: Paths, method: str, targets: list[str], trainabl
         "max_length": cfg.data.max_length,
         "learning_rate": cfg.train.learning_rate,
     }
-    prepare_report = paths.report("prepare")
-    if prepare_report.exists():
-        try:
-            digest = json.loads(prepare_report.read_text(encoding="utf-8")).get("dataset_digest")
-        except (OSError, ValueError):
-            digest = None
-        if digest:
-            params["dataset_digest"] = digest
     return params
 
 

@@ -16,13 +16,14 @@ def read_report(paths: Paths, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def lineage(cfg: Config, paths: Paths) -> tuple[dict[str, str], str]:
+def lineage(cfg: Config, paths: Paths, dataset: str | None = None) -> tuple[dict[str, str], str]:
     """The tags that lead a registered version back to its data, code and knobs, and its lineage key.
 
     The key hashes the register stage's inputs (``fingerprint.stage_inputs``: data, params, base
     weights, code): the same key is never registered twice. The tags carry the very digests it hashes.
+    ``dataset``: the prepared data's digest as prepare returned it (None: from prepare's report).
     """
-    inputs = stage_inputs("register", cfg, paths)
+    inputs = stage_inputs("register", cfg, paths, dataset=dataset)
     tags = {
         "base_model": cfg.model.base,
         "base_revision": cfg.model.revision or "",

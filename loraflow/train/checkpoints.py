@@ -11,16 +11,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loraflow.core.atomic import atomic_file
 from loraflow.core.config import Config
 from loraflow.core.errors import TrainingError
+from loraflow.core.fingerprint import stage_inputs
 from loraflow.core.messages import say
 from loraflow.core.paths import Paths
 
-if TYPE_CHECKING:
-    pass
 
 
 TOKENS_FILE = "loraflow_tokens.json"  # token counters saved in each checkpoint, restored on resume
@@ -34,33 +33,29 @@ def restore_counts(trainer, checkpoint: str | Path) -> None:
         trainer.counts.total, trainer.counts.supervised = int(data["total"]), int(data["supervised"])
 
 
-def fingerprint(cfg: Config, targets: list[str], method: str, train_digest: str, base_digest: str) -> dict[str, Any]:
+# Train-stage inputs whose change continues a run instead of starting another: how long it trains (a
+# re-run with more steps picks up where the last stopped), how often it saves and logs, whether to
+# resume, and gradient checkpointing (the same numbers, computed with less memory: the fix for an
+# out-of-memory crash must not throw the run away).
+CONTINUABLE = ("train.epochs", "train.max_steps", "train.save_steps", "train.logging_steps", "train.resume",
+               "train.gradient_checkpointing")
+
+
+def fingerprint(cfg: Config, paths: Paths, *, method: str, targets: list[str], dataset: str | None = None) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed, key by key (so the note can say what
-    changed): the train stage's inputs (``fingerprint.stage_inputs("train")``) as resolved, with the
-    method and targets training resolved them to, the train split's md5 and the base's weights
-    (``fingerprint.base_digest``: new weights at the same path are another setup). Length (epochs,
-    max_steps) may change: a re-run with more steps continues where the last one stopped."""
-    return {
-        "model.base": cfg.model.base,
-        "model.revision": cfg.model.revision,
-        "model.weights": base_digest,
-        "method": method,
-        "quantization": cfg.quantization.model_dump() if method == "qlora" else None,
-        "lora.r": cfg.lora.r,
-        "lora.alpha": cfg.lora.alpha,
-        "lora.dropout": cfg.lora.dropout,
-        "lora.bias": cfg.lora.bias,
-        "lora.target_modules": list(targets),
-        "train.learning_rate": cfg.train.learning_rate,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.batching": cfg.train.batching,  # group_by_length orders the data differently: no mixed epochs
-        "train.lr_scheduler": cfg.train.lr_scheduler,
-        "train.warmup_ratio": cfg.train.warmup_ratio,
-        "train.seed": cfg.train.seed,
-        "data.max_length": cfg.data.max_length,
-        "data.train_md5": train_digest,
-    }
+    changed): the train stage's inputs (``fingerprint.stage_inputs("train")``, the same the Prefect cache
+    keys on) with its config flattened to ``section.key``, the method and targets as training resolved
+    them, minus ``CONTINUABLE``, and minus the code digest: resume is crash recovery, and the fix for a
+    crash is often an edit to the code.
+
+    ``dataset``: the prepared data's digest, as prepare returned it."""
+    inputs = stage_inputs("train", cfg, paths, dataset=dataset)
+    flat = {f"{section}.{k}" if isinstance(values, dict) else section: v
+            for section, values in inputs["config"].items()
+            for k, v in (values.items() if isinstance(values, dict) else [(None, values)])}
+    flat = {k: v for k, v in flat.items() if k not in CONTINUABLE and not (k.startswith("quantization.") and method != "qlora")}
+    return flat | {"method": method, "lora.target_modules": list(targets), "prepared_data": inputs["data"],
+                   "base_weights": inputs["base"]}
 
 
 FINGERPRINT_FILE = "loraflow_run.json"
@@ -139,9 +134,9 @@ def mark_finished(paths: Paths) -> None:
 
 
 def _change(key: str, old: Any, new: Any) -> str:
-    """``lora.r 8 -> 4`` for a short value; ``data.train_md5 changed`` for a digest, a list or a section."""
+    """``lora.r 8 -> 4`` for a short value; ``prepared_data changed`` for a digest, a list or a section."""
     short = all(isinstance(v, (int, float, str, bool, type(None))) and len(str(v)) <= 24 for v in (old, new))
-    return f"{key} {old} -> {new}" if short and not key.endswith("md5") else f"{key} changed"
+    return f"{key} {old} -> {new}" if short else f"{key} changed"
 
 
 def complete_checkpoints(paths: Paths) -> tuple[list[Path], list[Path]]:

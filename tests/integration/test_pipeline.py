@@ -114,6 +114,10 @@ def test_flow_qlora_then_lora_then_worse_run(tmp_path, tiny_llama, prefect_serve
         assert key in m, key
     assert len(cl.get_metric_history(run.info.run_id, "train_loss")) >= 3
 
+    # prepare's returned digest reaches the version's tag, handed on through the flow
+    version = cl.get_model_version("pipe", out["register"]["version"])
+    assert version.tags["dataset_digest"] == out["prepare"]["dataset_digest"] == p["dataset_digest"]
+
     # data/prepared/ rewritten outside the flow (other split params): the cached prepare is not trusted.
     import loraflow.tasks.prepare
 

@@ -143,7 +143,7 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     training starts at step 0 with a note naming what changed (so `dvc exp run -S lora.r=...` after a
     finished run just trains)."""
     from loraflow.core.errors import TrainingError
-    from loraflow.core.fingerprint import base_digest, file_md5
+    from loraflow.core.fingerprint import dataset_digest
     from loraflow.train import checkpoints
 
     # one trained project per session, copied per case (training it is the slow part)
@@ -155,34 +155,36 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(tiny_llama, tmp_path_facto
     paths = Paths.at(root)
     cfg = load_config(root / "params.yaml")
     targets = json.loads((paths.checkpoints / checkpoints.FINGERPRINT_FILE).read_text())["lora.target_modules"]
-    digest = file_md5(paths.split("train"))
+    digest = dataset_digest(paths.prepared)  # what prepare returned for these files
 
-    weights = base_digest(cfg, paths)
-    same = checkpoints.plan_resume(paths, checkpoints.fingerprint(cfg, targets, "qlora", digest, weights), 5)
+    def fp(cfg):
+        return checkpoints.fingerprint(cfg, paths, method="qlora", targets=targets, dataset=digest)
+
+    same = checkpoints.plan_resume(paths, fp(cfg), 5)
     assert same.checkpoint and same.step == 3  # the unchanged setup resumes
 
     section, _, key = change.partition(".")
     if change == "data":
         with open(paths.split("train"), "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"id": "new", "prompt": "Q?\n", "completion": "A"}) + "\n")
-        digest = file_md5(paths.split("train"))
+        digest = dataset_digest(paths.prepared)
     else:
         value = {"r": 4, "target_modules": "attention-qv", "double_quant": False, "quant_type": "fp4"}[key]
         sec = getattr(cfg, section).model_copy(update={key: value})
         cfg = cfg.model_copy(update={section: sec})
         if key == "target_modules":
             targets = ["q_proj", "v_proj"]
-    new = checkpoints.fingerprint(cfg, targets, "qlora", digest, weights)
-    named = {"data": "data.train_md5", "quantization.double_quant": "quantization",
-             "quantization.quant_type": "quantization"}.get(change, change)
+    new = fp(cfg)
+    named = {"data": "prepared_data"}.get(change, change)
     fp_file = paths.checkpoints / checkpoints.FINGERPRINT_FILE
     assert json.loads(fp_file.read_text())[checkpoints.FINISHED] is False  # the plan_resume above started a run
 
     # interrupted (no mark_finished after it): refused, nothing removed
     with pytest.raises(TrainingError) as e:
         checkpoints.plan_resume(paths, new, 5)
-    want = {"lora.r": "lora.r 8 -> 4", "lora.target_modules": "lora.target_modules changed"}.get(change,
-                                                                                                f"{named} changed")
+    want = {"lora.r": "lora.r 8 -> 4", "lora.target_modules": "lora.target_modules changed",
+            "quantization.double_quant": "quantization.double_quant True -> False",
+            "quantization.quant_type": "quantization.quant_type nf4 -> fp4"}.get(change, f"{named} changed")
     assert (f"train: outputs/checkpoints/checkpoint-3 is from an interrupted run of another setup ({want}); "
             "resuming it would mix two setups. To start over at step 0 add -s train.resume=restart") in str(e.value)
     assert (paths.checkpoints / "checkpoint-3").is_dir()

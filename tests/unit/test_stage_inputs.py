@@ -71,3 +71,7 @@ def test_the_lineage_key_is_the_one_registries_already_hold(project):
     import hashlib
 
     assert key == hashlib.sha256(old.encode()).hexdigest()[:32]
+
+    # the flow hands prepare's returned digest on: that value is what the version is tagged and keyed with
+    passed, passed_key = lineage(_cfg(), project, dataset="f10w")
+    assert passed["dataset_digest"] == "f10w" and passed_key != key

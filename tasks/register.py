@@ -181,6 +181,10 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
     else:
         artifacts = {"model": str(paths.merged)}
     # Explicit requirements: inference would import torchvision to guess them (docs/traps.md §7).
+    shipped = Path(next(iter(artifacts.values())))
+    size = sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file())
+    say(f"logging {_rel(paths, shipped)} as it is ({size / 2**30:.2f} GiB"
+        + (", the base pinned by digest, not copied)" if cfg.register.log == "adapter" else ")"))
     reqs = [f"{p}=={md.version(p)}" for p in packages]
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "input", required=False)]),
@@ -290,3 +294,10 @@ def _fmt(v: float | None) -> str:
 
 def _float(v: str | None) -> float | None:
     return float(v) if v not in (None, "") else None
+
+
+def _rel(paths: Paths, p: Path) -> str:
+    try:
+        return p.resolve().relative_to(paths.root.resolve()).as_posix()
+    except ValueError:
+        return str(p)

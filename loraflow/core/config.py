@@ -228,7 +228,19 @@ class MergeSection(Section):
         description="dequantized: merge into the NF4 weights the adapter trained against, dequantized to "
         "full precision; original: merge into the original full-precision weights.",
     )
-    tolerance: float = Field(1e-3, description="Max |merged - unmerged| logit difference before the stage fails.")
+    tolerance: float = Field(
+        1e-3, description="Max |merged - unmerged| logit difference of an fp32 merge before the stage fails; a "
+        "16-bit merge is allowed its weights' rounding on top (8 x eps x max |logit|).")
+    logit_check: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compare merged and unmerged logits on test examples (loads the model in fp32); auto: when it "
+        "fits in memory. Every merged weight is checked on random vectors either way.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the merged weights; auto: the base's own (its config.json torch_dtype), so a bf16 "
+        "base is not registered as fp32 at twice its size.",
+    )
 
 
 class RegisterSection(Section):

@@ -52,6 +52,22 @@ def base_location(cfg: Config, paths: Paths) -> str:
     return base  # a hub id
 
 
+def local_base_dir(cfg: Config, paths: Paths) -> Path:
+    """The base's files on this machine: its folder, or a hub id's snapshot in the local cache (what
+    training loaded). Merge reads the checkpoint file by file from here."""
+    where = base_location(cfg, paths)
+    if Path(where).is_dir():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(where, revision=cfg.model.revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ModelError(f"model.base: {where} is not in the local Hugging Face cache ({_first_line(e)}); "
+                         "run the train stage on this machine first, or point model.base at a local folder") from None
+
+
 def uses_4bit(cfg: Config, paths: Paths | None = None) -> bool:
     """Whether the frozen base is (was) 4-bit NF4.
 

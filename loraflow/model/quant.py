@@ -168,6 +168,7 @@ def dequantize_into(target: "torch.nn.Module", quantized: "torch.nn.Module") -> 
     """
     import bitsandbytes as bnb
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     n = 0
     four_bit_weights = set()
@@ -183,6 +184,8 @@ def dequantize_into(target: "torch.nn.Module", quantized: "torch.nn.Module") -> 
                 )
             weight = bnb.functional.dequantize_4bit(module.weight.data, state).to(torch.float32)
             dest = target.get_submodule(_unwrapped(name))
+            if isinstance(dest, Conv1D):  # GPT-2 stores (in, out); its 4-bit Linear4bit holds the transpose
+                weight = weight.T
             if tuple(dest.weight.shape) != tuple(weight.shape):
                 raise ModelError(f"merge: {name}: 4-bit shape {tuple(weight.shape)} != fp32 {tuple(dest.weight.shape)}")
             dest.weight.copy_(weight)

@@ -214,14 +214,32 @@ def test_lora_merge(lora):
     assert "quantization_config" not in json.loads((paths.merged / "config.json").read_text())
 
 
-def test_merge_that_drops_the_adapter_fails_and_saves_nothing(lora, tmp_path, monkeypatch):
-    """A merge that silently loses the adapter (simulated: unload instead of merge) is caught."""
-    from peft.tuners.tuners_utils import BaseTuner
+def _drop_the_update(monkeypatch, checked: bool) -> None:
+    """A merge that silently loses the adapter: it writes the base weight instead of W + scale·B·A;
+    ``checked``: the per-weight check still runs on what it wrote, else it is bypassed too."""
+    from loraflow.model import streaming_merge
 
+    def merge(self, reference, item):
+        written = reference.to(item.out_dtype)
+        if checked:
+            self._check(item.model_key, written, reference, self.adapter.loras[item.model_key[:-7]], None)
+        return written
+
+    monkeypatch.setattr(streaming_merge._Merger, "_merge", merge)
+
+
+def test_merge_that_drops_the_adapter_fails_and_saves_nothing(lora, tmp_path, monkeypatch):
+    """A merge that silently loses the adapter is caught twice: by the per-weight check on random vectors
+    (any size), and, with that bypassed, by merged vs unmerged logits (where the model fits)."""
     cfg, paths = lora
     cfg_t, paths_t = make_project(tmp_path, cfg.model.base, method="lora")
     shutil.copytree(paths.adapter, paths_t.adapter)
-    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    _drop_the_update(monkeypatch, checked=True)
+    with pytest.raises(ModelError, match=r"merge: model\.layers\.0\..*\.weight: the merged weight is .* off what "
+                                         r"base \+ adapter compute"):
+        _run_merge(cfg_t, paths_t)
+    assert not paths_t.merged.exists() and not paths_t.report("merge").exists()
+    _drop_the_update(monkeypatch, checked=False)
     with pytest.raises(LoraflowError, match="merge.tolerance"):
         _run_merge(cfg_t, paths_t)
     assert not paths_t.merged.exists() and not paths_t.report("merge").exists()
@@ -232,7 +250,6 @@ def test_reported_logit_diff_is_measured(lora, tmp_path, monkeypatch):
     reports exactly |base - base+adapter|, which the test measures itself on the same probe (the first test rows,
     prompt + completion + EOS): the adapter's whole effect, far above merge.tolerance's default 1e-3."""
     from loraflow.tasks.merge import PROBE_ROWS, _probe_batch
-    from peft.tuners.tuners_utils import BaseTuner
 
     from loraflow.model.adapters import attach_adapter
 
@@ -252,7 +269,7 @@ def test_reported_logit_diff_is_measured(lora, tmp_path, monkeypatch):
     effect = float((tuned - base).abs().max())
     assert effect > 1e-2
 
-    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    _drop_the_update(monkeypatch, checked=False)
     result, _ = _run_merge(cfg_t, paths_t)
     assert result.max_abs_logit_diff == pytest.approx(effect, rel=1e-4)
     assert result.max_abs_logit_diff_trained == pytest.approx(effect, rel=1e-4)  # fp32 LoRA: trained = unmerged
@@ -264,3 +281,27 @@ def test_merge_without_adapter_says_train_first(tmp_path, tiny_llama):
     cfg, paths = make_project(tmp_path, tiny_llama)
     with pytest.raises(ModelError, match="loraflow stage train"):
         loraflow.tasks.merge.run(cfg, paths)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_a_bf16_merge_is_half_the_size_and_inside_its_dtype_aware_tolerance(method, qlora, lora, tmp_path):
+    """merge.dtype=bfloat16: bf16 weights on disk (half of fp32), logits within merge.tolerance plus the
+    rounding bf16 weights carry (LOGIT_EPS_FACTOR x eps x max |logit|), both numbers in the report."""
+    from loraflow.tasks.merge import LOGIT_EPS_FACTOR
+
+    cfg, paths = (qlora[0], qlora[1]) if method == "qlora" else lora
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg_d, paths_d = make_project(tmp_path / dtype, cfg.model.base, method=method, merge={"dtype": dtype})
+        shutil.copytree(paths.adapter, paths_d.adapter)
+        result, _ = _run_merge(cfg_d, paths_d)
+        report = json.loads(paths_d.report("merge").read_text())
+        sizes[dtype] = sum(f.stat().st_size for f in paths_d.merged.glob("*.safetensors"))
+        assert report["dtype"] == dtype == json.loads((paths_d.merged / "config.json").read_text())["dtype"]
+        assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    eps_scale = torch.finfo(torch.bfloat16).eps * report["logit_scale"]
+    assert report["logit_tolerance"] == pytest.approx(cfg.merge.tolerance + LOGIT_EPS_FACTOR * eps_scale)
+    assert report["max_abs_logit_diff"] > cfg.merge.tolerance / 100  # bf16 rounding is there, and measured
+    print(f"{method}: bf16 logit diff {report['max_abs_logit_diff']:.3g} = "
+          f"{report['max_abs_logit_diff'] / eps_scale:.2f} x eps x max|logit|")
+    assert 0.45 < sizes["bfloat16"] / sizes["float32"] < 0.55

@@ -94,7 +94,7 @@ CODE = {
     "loraflow/model/generation.py": ("loraflow/model", {"base", "prepare", "train", "evaluate", "merge", "register"}),
     "tasks/merge.py": ("tasks/merge.py", {"merge"}),
     "tasks/train.py": ("tasks/train.py", {"train"}),
-    "loraflow/core/config.py": ("loraflow/core/config.py", set(STAGES)),  # every stage parses params.yaml through it
+    "loraflow/core/config.py": ("loraflow/core", set(STAGES)),  # every stage parses params.yaml through it
 }
 
 

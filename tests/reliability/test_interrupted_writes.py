@@ -26,17 +26,17 @@ from tests.reliability.conftest import (
 CHILD = """
 import sys, time
 from pathlib import Path
-import transformers.modeling_utils as mu
+import loraflow.model.streaming_merge as sm
 
-_save = mu.safe_save_file
-def half_then_hang(tensors, filename, metadata=None):
-    _save(tensors, filename, metadata=metadata)
-    data = Path(filename).read_bytes()
-    Path(filename).write_bytes(data[: len(data) // 2])
-    Path({mark!r}).write_text(str(filename))
+_write = sm._write_shard
+def half_then_hang(path, items, make, progress):
+    _write(path, items, make, progress)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    Path({mark!r}).write_text(str(path))
     while True:
         time.sleep(1)
-mu.safe_save_file = half_then_hang
+sm._write_shard = half_then_hang
 
 from loraflow.cli import main
 sys.exit(main(["stage", "merge", "-c", {params!r}]))

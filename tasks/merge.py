@@ -33,6 +33,7 @@ from loraflow.core.config import Config, QuantizationSection
 from loraflow.core.errors import DataError, LoraflowError
 from loraflow.core.messages import say, stage
 from loraflow.core.paths import Paths
+from loraflow.core.progress import size_text
 from loraflow.data.splits import load_split
 from loraflow.model import loading
 from loraflow.model.adapters import (
@@ -101,7 +102,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
     stats = merge_checkpoint(base_dir, paths.adapter, paths.merged, base=merge_base, quant=quant, dtype=dtype,
                              finish=finish)
     say(f"merged {stats.tensors_merged} weights into the {merge_base} base ({stats.tensors_dequantized} more NF4 "
-        f"round trips): {stats.bytes_written / 2**30:.2f} GiB of {stats.dtype} in {stats.shards} file(s); worst "
+        f"round trips): {size_text(stats.bytes_written)} of {stats.dtype} in {stats.shards} file(s); worst "
         f"per-weight relative error {stats.worst_rel_error:.3g} ({stats.worst_layer}), tolerance {stats.tolerance:.3g}")
     report: dict = {"merge_base": merge_base, "dtype": stats.dtype, "bytes_on_disk": _size(paths.merged),
                     "shards": stats.shards, "max_weight_rel_error": stats.worst_rel_error,

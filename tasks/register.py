@@ -21,6 +21,7 @@ from loraflow.core.errors import ModelError
 from loraflow.core.messages import say, stage
 from loraflow.core.paths import Paths
 from loraflow.core.private_api import mlflow_fluent_uri
+from loraflow.core.progress import size_text
 from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
@@ -183,7 +184,7 @@ def _log_model(cfg: Config, paths: Paths, run_id: str) -> tuple[Any, dict[str, s
     # Explicit requirements: inference would import torchvision to guess them (docs/traps.md §7).
     shipped = Path(next(iter(artifacts.values())))
     size = sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file())
-    say(f"logging {_rel(paths, shipped)} as it is ({size / 2**30:.2f} GiB"
+    say(f"logging {_rel(paths, shipped)} as it is ({size_text(size)}"
         + (", the base pinned by digest, not copied)" if cfg.register.log == "adapter" else ")"))
     reqs = [f"{p}=={md.version(p)}" for p in packages]
     signature = ModelSignature(

@@ -22,3 +22,14 @@ def bar(iterable: Any = None, **kwargs: Any) -> Any:
 
     options = {"file": sys.stderr, "dynamic_ncols": True, "mininterval": 0.1 if interactive() else 10.0}
     return tqdm(iterable, **(options | kwargs))
+
+
+def size_text(nbytes: float) -> str:
+    """``1.86 GiB``, ``543.2 KiB``: a size as a person reads it (a tiny model is not "0.00 GiB")."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            if unit == "B":
+                return f"{nbytes:.0f} B"
+            return f"{nbytes:.3g} {unit}" if nbytes < 1000 else f"{nbytes:,.0f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")

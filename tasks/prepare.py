@@ -4,6 +4,11 @@
     → count tokens (drop answers that would be truncated away) → split by content hash
     → write train/val/test.jsonl atomically → reports/prepare.json
 
+The file is streamed: records are read, rendered and deduplicated in batches of ``BATCH``, and each batch's
+tokens are counted by the tokenizer's batch encoding in worker threads while the next batch is read
+(``_Stream`` says what stays in memory). With ``data.on_bad_record: error`` the first bad record in file order
+stops the stage before the rest of the file is read.
+
 A record's split depends only on its content and ``data.seed``: adding records never moves an
 existing one, and two runs write byte-identical files (DVC relies on it).
 """
@@ -13,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from json.encoder import encode_basestring
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
-from loraflow.core.atomic import atomic_dir, write_json, write_jsonl
+from loraflow.core.atomic import atomic_dir, atomic_file, write_json
 from loraflow.core.config import Config
 from loraflow.core.errors import DataError
 from loraflow.core.fingerprint import dataset_digest
@@ -28,6 +35,7 @@ from loraflow.core.paths import Paths
 from loraflow.data.formats import BadRecord, check_fields, detect_format, render
 from loraflow.data.readers import find_source, read_records, too_long
 from loraflow.data.splits import SPLITS
+from loraflow.data.tokencount import TokenCounter
 from loraflow.model.loading import load_tokenizer
 
 # Every reason a record can be dropped for; the report lists them all (zeros too) so that
@@ -45,7 +53,11 @@ REASONS = (
     "too_long",
 )
 PERCENTILES = (50, 90, 99)
-TOKENIZE_BATCH = 512
+# Records rendered and deduplicated, then token-counted together (prompts and prompt + answer: two batch encodes,
+# run beside the reading of the next batch). In error mode, a bad record is reported once every record before
+# it has been checked, so at most two batches past it are read, never the rest of the file.
+BATCH = 2048
+WORKERS = 2  # tokenizing threads (a fast tokenizer's batch call holds no GIL); this machine has 2 cores
 SHOW_SKIPPED = 5  # skipped records named on stderr before "... and N more"
 
 
@@ -64,16 +76,16 @@ class PrepareResult(BaseModel):
     report_path: Path
 
 
-@dataclass
-class Example:
-    key: str  # full sha256 of (prompt, completion): the dedup key
+class Candidate(NamedTuple):
+    """A rendered record seen for the first time, waiting in its batch for its token counts."""
+
+    digest: bytes  # sha256 of (prompt, completion), see content_key: the dedup key
     where: str
     prompt: str
     completion: str
-
-    @property
-    def id(self) -> str:
-        return self.key[:16]
+    prompt_json: str  # the two strings as JSON writes them, for the output row
+    completion_json: str
+    prompt_bytes: int
 
 
 def run(cfg: Config, paths: Paths) -> PrepareResult:
@@ -82,107 +94,62 @@ def run(cfg: Config, paths: Paths) -> PrepareResult:
     check_fields(data.fields)
     source = find_source(data.path, paths.root)
     tokenizer = load_tokenizer(cfg, paths)
-    dropped: Counter[str] = Counter()
-    skipped: list[str] = []
-
-    def bad(where: str, err: BadRecord) -> None:
-        if data.on_bad_record == "error":
-            raise DataError(f"{where}: {err.problem}; {err.fix}, or set data.on_bad_record: skip to drop such records")
-        dropped[err.reason] += 1
-        skipped.append(f"{where}: {err.problem}")
-
-    fmt = None if data.format == "auto" else data.format
-    unique: dict[str, Example] = {}
-    read = 0
-    for row in read_records(source, data.split, data.max_record_bytes):
-        read += 1
-        if row.bad is not None:
-            bad(row.where, row.bad)
-            continue
-        if fmt is None:
-            fmt = detect_format(row.record, data.fields)
-        try:
-            prompt, completion = render(row.record, fmt, data.fields, tokenizer)
-        except BadRecord as err:
-            bad(row.where, err)
-            continue
-        size = len(prompt.encode("utf-8")) + len(completion.encode("utf-8"))
-        if size > data.max_record_bytes:  # before tokenizing: a 50 MB field would take minutes
-            bad(row.where, too_long(size, data.max_record_bytes))
-            continue
-        key = content_key(prompt, completion)
-        if key in unique:
-            dropped["duplicate"] += 1  # not an error even with on_bad_record: error
-            continue
-        unique[key] = Example(key, row.where, prompt, completion)
+    stream = _Stream(cfg, TokenCounter(tokenizer))
+    try:
+        fmt = stream.read(source, tokenizer)
+    finally:
+        stream.pool.shutdown(wait=True, cancel_futures=True)
+    read, dropped, kept = stream.read_count, stream.dropped, stream.kept
     _log(f"read {read} records from {source.display} (format {fmt or data.format})")
     if read == 0:
         raise DataError(f"{source.display}: no records found; point data.path at a dataset with records")
-
-    # Length = prompt + answer + EOS. A prompt of max_length - 1 tokens or more leaves no room
-    # for a single answer token: training would see zero supervised tokens, so the record is bad.
-    examples = list(unique.values())
-    prompt_lens = _token_counts(tokenizer, [e.prompt for e in examples])
-    full_lens = _token_counts(tokenizer, [e.prompt + e.completion for e in examples])
-    kept: list[tuple[Example, int]] = []
-    for ex, p_len, f_len in zip(examples, prompt_lens, full_lens):
-        if p_len >= data.max_length - 1:
-            bad(ex.where, BadRecord(
-                "answer_truncated",
-                f"the prompt alone is {p_len} tokens, so with max_length {data.max_length} no answer token is left",
-                "shorten the prompt or raise data.max_length",
-            ))
-            continue
-        kept.append((ex, f_len + 1))
-
     if not kept:
         why = ", ".join(f"{r} {n}" for r, n in sorted(dropped.items())) or "none"
         raise DataError(
             f"{source.display}: no usable records (read {read}, dropped: {why}); fix the data "
             "or point data.path at another dataset"
         )
-    if skipped:
-        more = len(skipped) - SHOW_SKIPPED
-        for line in skipped[:SHOW_SKIPPED]:
-            _log(f"skipped {line}")
-        if more > 0:
-            _log(f"... and {more} more skipped")
+    for line in stream.skipped_shown:
+        _log(f"skipped {line}")
+    if stream.skipped > SHOW_SKIPPED:
+        _log(f"... and {stream.skipped - SHOW_SKIPPED} more skipped")
 
-    splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
-    for ex, _ in kept:
-        splits[assign_split(ex.id, data.seed, data.val_fraction, data.test_fraction)].append(ex)
+    splits = stream.splits
     if not splits["train"]:
         raise DataError(
-            f"{source.display}: none of the {len(kept)} usable records landed in the train split; "
+            f"{source.display}: none of the {kept} usable records landed in the train split; "
             "add records, or lower data.val_fraction / data.test_fraction"
         )
     for name in ("val", "test"):
         if not splits[name]:
-            _log(f"warning: the {name} split is empty ({len(kept)} usable records); add records for a meaningful {name}")
+            _log(f"warning: the {name} split is empty ({kept} usable records); add records for a meaningful {name}")
 
     with atomic_dir(paths.prepared) as tmp:
         for name, members in splits.items():
-            members.sort(key=lambda e: (e.id, e.key))  # the full key only breaks a 64-bit id tie
-            rows = [{"id": e.id, "prompt": e.prompt, "completion": e.completion} for e in members]
-            write_jsonl(tmp / paths.split(name).name, rows)
+            # Each member is digest + row: sorting the bytes sorts by the full content key, which is sorting by
+            # (id, key) as rows always were (the id is the key's first 16 hex digits).
+            members.sort()
+            with atomic_file(tmp / paths.split(name).name, "wb") as fh:
+                fh.writelines(memoryview(m)[DIGEST_SIZE:] for m in members)
     digest = dataset_digest(paths.prepared)
 
-    lengths = sorted(n for _, n in kept)
-    token_length = {f"p{p}": _percentile(lengths, p) for p in PERCENTILES} | {"max": lengths[-1]}
+    token_length = {f"p{p}": _percentile(stream.lengths, kept, p) for p in PERCENTILES} | {
+        "max": max(stream.lengths)
+    }
     report = {
         "records_read": read,
-        "records_kept": len(kept),
-        "records_dropped": read - len(kept),
+        "records_kept": kept,
+        "records_dropped": read - kept,
         "dropped": {reason: dropped.get(reason, 0) for reason in REASONS},
         "splits": {name: len(rows) for name, rows in splits.items()},
         "token_length": token_length,
-        "truncated": sum(n > data.max_length for n in lengths),
+        "truncated": sum(n for length, n in stream.lengths.items() if length > data.max_length),
         "dataset_digest": digest,
         "format": fmt,
     }
     write_json(paths.report("prepare"), report)
     _log(
-        f"kept {len(kept)}, dropped {read - len(kept)}"
+        f"kept {kept}, dropped {read - kept}"
         + (" (" + ", ".join(f"{r} {n}" for r, n in sorted(dropped.items())) + ")" if dropped else "")
         + f"; {report['truncated']} longer than max_length {data.max_length} (training truncates them)"
     )
@@ -196,6 +163,138 @@ def run(cfg: Config, paths: Paths) -> PrepareResult:
         split_paths={name: paths.split(name) for name in SPLITS},
         report_path=paths.report("prepare"),
     )
+
+
+DIGEST_SIZE = hashlib.sha256().digest_size
+
+
+class _Stream:
+    """Reads, renders, deduplicates and token-counts records in file order, one batch at a time.
+
+    What it holds, all the way through (everything else lives for one batch at most):
+
+    - ``seen``: the 32-byte digest of every distinct rendered record (kept, or dropped as answer_truncated:
+      a later copy of either counts as a duplicate);
+    - ``splits``: each kept record once, as its digest followed by its output row (UTF-8 bytes of the JSON line
+      prepare writes), in the split it belongs to: the rows must be sorted before the first one is written;
+    - ``lengths``: how many kept records have each token length (for the percentiles), and counters.
+
+    Tokenizing runs in a worker thread pool, one batch behind the reading: batch N's prompts and full texts
+    encode (two batch calls, on two cores with a fast tokenizer) while batch N + 1 is read and rendered.
+    Batches are finished in order, so records are checked, counted and failed in file order.
+    """
+
+    def __init__(self, cfg: Config, counter: TokenCounter) -> None:
+        self.data = cfg.data
+        self.count_tokens = counter
+        self.seen: set[bytes] = set()
+        self.splits: dict[str, list[bytes]] = {name: [] for name in SPLITS}
+        self.lengths: Counter[int] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.read_count = 0
+        self.kept = 0
+        self.skipped = 0
+        self.skipped_shown: list[str] = []
+        self.pending: list[Candidate] = []
+        self.in_flight: deque[tuple[list[Candidate], list[Future], list[Future]]] = deque()
+        self.workers = WORKERS if counter.parallel else 1
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="prepare-tokens")
+
+    def read(self, source, tokenizer) -> str | None:
+        """Consume the whole source; return the format (None when no record was readable)."""
+        data = self.data
+        fmt = None if data.format == "auto" else data.format
+        seen, pending = self.seen, self.pending
+        for row in read_records(source, data.split, data.max_record_bytes):
+            self.read_count += 1
+            if row.bad is not None:
+                self.bad(row.where, row.bad)
+                continue
+            if fmt is None:
+                fmt = detect_format(row.record, data.fields)
+            try:
+                prompt, completion = render(row.record, fmt, data.fields, tokenizer)
+            except BadRecord as err:
+                self.bad(row.where, err)
+                continue
+            prompt_bytes = len(prompt.encode("utf-8"))
+            size = prompt_bytes + len(completion.encode("utf-8"))
+            if size > data.max_record_bytes:  # before tokenizing: a 50 MB field would take minutes
+                self.bad(row.where, too_long(size, data.max_record_bytes))
+                continue
+            prompt_json, completion_json = encode_basestring(prompt), encode_basestring(completion)
+            # content_key's blob, built from the escaped strings the output row needs too
+            digest = hashlib.sha256(f"[{prompt_json}, {completion_json}]".encode()).digest()
+            if digest in seen:
+                self.dropped["duplicate"] += 1  # not an error even with on_bad_record: error
+                continue
+            seen.add(digest)
+            pending.append(Candidate(digest, row.where, prompt, completion, prompt_json, completion_json, prompt_bytes))
+            if len(pending) >= BATCH:
+                self.submit()
+        self.drain()
+        return fmt
+
+    def bad(self, where: str, err: BadRecord, *, earlier_checked: bool = False) -> None:
+        if self.data.on_bad_record == "error":
+            if not earlier_checked:
+                self.drain()  # a bad record earlier in the file, found by its token count, is the one to report
+            raise DataError(f"{where}: {err.problem}; {err.fix}, or set data.on_bad_record: skip to drop such records")
+        self.dropped[err.reason] += 1
+        self.skipped += 1
+        if len(self.skipped_shown) < SHOW_SKIPPED:
+            self.skipped_shown.append(f"{where}: {err.problem}")
+
+    def submit(self) -> None:
+        """Start counting the pending batch's tokens; finish the batch before it (one batch in flight)."""
+        if not self.pending:
+            return
+        batch = self.pending.copy()
+        self.pending.clear()  # in place: read() holds it
+        # No special tokens: the chat template already wrote its own, and EOS is counted below.
+        # A prompt whose byte count bounds its tokens below the limit needs no count (see finish).
+        limit, bound = self.data.max_length - 1, self.count_tokens.most_tokens
+        unsure = [c.prompt for c in batch if (most := bound(c.prompt_bytes)) is None or most >= limit]
+        full = [c.prompt + c.completion for c in batch]
+        self.in_flight.append((batch, self._count(unsure), self._count(full)))
+        while len(self.in_flight) > 1:
+            self.finish(*self.in_flight.popleft())
+
+    def drain(self) -> None:
+        """Finish every batch read so far, in file order."""
+        self.submit()
+        while self.in_flight:
+            self.finish(*self.in_flight.popleft())
+
+    def _count(self, texts: list[str]) -> list[Future]:
+        """Count ``texts`` in one slice per worker (a batch call encodes on one core)."""
+        step = max(1, -(-len(texts) // self.workers))
+        return [self.pool.submit(self.count_tokens, texts[i : i + step]) for i in range(0, len(texts), step)]
+
+    def finish(self, batch: list[Candidate], prompts: list[Future], full: list[Future]) -> None:
+        data = self.data
+        limit, bound = data.max_length - 1, self.count_tokens.most_tokens
+        counted = (n for part in prompts for n in part.result())
+        full_lens = (n for part in full for n in part.result())
+        for c, f_len in zip(batch, full_lens):
+            # Length = prompt + answer + EOS. A prompt of max_length - 1 tokens or more leaves no room for a
+            # single answer token: training would see zero supervised tokens, so the record is bad.
+            most = bound(c.prompt_bytes)
+            p_len = next(counted) if most is None or most >= limit else None  # else: fewer than limit, surely
+            if p_len is not None and p_len >= limit:
+                # Batches finish in file order: every record before this one has been checked.
+                self.bad(c.where, BadRecord(
+                    "answer_truncated",
+                    f"the prompt alone is {p_len} tokens, so with max_length {data.max_length} no answer token is left",
+                    "shorten the prompt or raise data.max_length",
+                ), earlier_checked=True)
+                continue
+            record_id = c.digest[:8].hex()
+            row = f'{{"completion": {c.completion_json}, "id": "{record_id}", "prompt": {c.prompt_json}}}\n'
+            split = assign_split(record_id, data.seed, data.val_fraction, data.test_fraction)
+            self.splits[split].append(c.digest + row.encode("utf-8"))
+            self.lengths[f_len + 1] += 1
+            self.kept += 1
 
 
 def content_key(prompt: str, completion: str) -> str:
@@ -219,19 +318,16 @@ def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: 
     return "train"
 
 
-def _token_counts(tokenizer, texts: list[str]) -> list[int]:
-    # No special tokens: the chat template already wrote its own, and EOS is counted by the caller.
-    counts: list[int] = []
-    for i in range(0, len(texts), TOKENIZE_BATCH):
-        batch = tokenizer(texts[i : i + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
-        counts.extend(len(ids) for ids in batch)
-    return counts
-
-
-def _percentile(sorted_values: list[int], p: float) -> int:
-    """Nearest-rank percentile: the smallest value with at least p% of values at or below it."""
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
+def _percentile(counts: Counter[int], total: int, p: float) -> int:
+    """Nearest-rank percentile of ``total`` values given as value -> how many: the smallest value with at least
+    p% of values at or below it."""
+    rank = max(1, math.ceil(p / 100 * total))
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= rank:
+            return value
+    raise ValueError("rank past the last value")
 
 
 def _log(line: str) -> None:

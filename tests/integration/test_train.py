@@ -332,3 +332,43 @@ def test_final_loss_covers_a_whole_logging_window():
     assert final_loss(history, 5) == pytest.approx((3.0 * 5 + 6.0 * 1) / 6)
     assert final_loss(history[:3], 5) == 3.0
     assert final_loss([], 5) is None
+
+
+def test_pretokenized_equals_trl(tiny_llama, tmp_path):
+    """``sft.tokenize`` (batched) gives exactly the ids and labels TRL's own per-row preparation derives from the
+    prompt/completion rows: EOS appended unless present, prompt masked, truncation, fully-masked rows dropped;
+    with a tokenizer that adds no special tokens and one that prepends BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from loraflow.train import sft
+
+    rows = [{"id": f"r{i}", "prompt": f"### Instruction:\n{q}\n\n### Response:\n", "completion": a}
+            for i, (q, a) in enumerate(QA)]
+    rows += [
+        {"id": "eos", "prompt": "Say it.\n", "completion": "done<|endoftext|>"},  # EOS already there
+        {"id": "space", "prompt": "The quick brown", "completion": " fox jumps"},  # tokens merge across the cut
+        {"id": "long", "prompt": "Paris is the capital of France. " * 20, "completion": "yes"},  # prompt > max_length
+        {"id": "cut", "prompt": "Q: ", "completion": "the quick brown fox jumps over the lazy dog " * 6},
+        {"id": "uni", "prompt": "Übersetze: ", "completion": "héllo — 你好"},
+    ]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plain = AutoTokenizer.from_pretrained(tiny_llama)
+    with_bos = AutoTokenizer.from_pretrained(tiny_llama)
+    with_bos._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", plain.eos_token_id)])
+    assert with_bos("a")["input_ids"][0] == plain.eos_token_id
+    for tok in (plain, with_bos):
+        args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=32, report_to="none",
+                         use_cpu=True, dataset_num_proc=None)
+        reference = SFTTrainer(model=model, args=args, train_dataset=sft.to_dataset(rows),
+                               processing_class=tok).train_dataset
+        ours = sft.tokenize(tok, rows, max_length=32)
+        assert "long" not in ours["id"] and "long" not in reference["id"]
+        assert ours["id"] == reference["id"]
+        assert ours["input_ids"] == reference["input_ids"]
+        assert ours["labels"] == reference["labels"]
+        assert max(len(x) for x in ours["input_ids"]) == 32  # "cut" was truncated
+        eos_row = ours["labels"][ours["id"].index("eos")]
+        assert eos_row[-1] == tok.eos_token_id and eos_row.count(tok.eos_token_id) == 1  # not doubled

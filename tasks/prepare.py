@@ -43,6 +43,7 @@ from loraflow.model.loading import load_tokenizer
 REASONS = (
     "invalid_json",
     "non_utf8",
+    "not_unicode",
     "wrong_type",
     "invalid_csv",
     "missing_field",
@@ -217,8 +218,12 @@ class _Stream:
             except BadRecord as err:
                 self.bad(row.where, err)
                 continue
-            prompt_bytes = len(prompt.encode("utf-8"))
-            size = prompt_bytes + len(completion.encode("utf-8"))
+            try:
+                prompt_bytes = len(prompt.encode("utf-8"))
+                size = prompt_bytes + len(completion.encode("utf-8"))
+            except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\ud800" in JSON): no tokenizer takes it
+                self.bad(row.where, not_unicode(e))
+                continue
             if size > data.max_record_bytes:  # before tokenizing: a 50 MB field would take minutes
                 self.bad(row.where, too_long(size, data.max_record_bytes))
                 continue
@@ -295,6 +300,16 @@ class _Stream:
             self.splits[split].append(c.digest + row.encode("utf-8"))
             self.lengths[f_len + 1] += 1
             self.kept += 1
+
+
+def not_unicode(err: UnicodeEncodeError) -> BadRecord:
+    char = err.object[err.start : err.end]
+    return BadRecord(
+        "not_unicode",
+        f"the text holds {char.encode('unicode_escape').decode()}, a lone UTF-16 surrogate "
+        "that is not valid Unicode",
+        "fix the escape in the source (a surrogate pair encodes one character: \\ud83d\\ude00)",
+    )
 
 
 def content_key(prompt: str, completion: str) -> str:

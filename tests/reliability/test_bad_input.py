@@ -31,6 +31,8 @@ BAD_RECORDS = {
     "wrong_type": (b'{"instruction": "x", "output": 7}', "wrong_type", "field 'output' is a number, expected a string"),
     "empty_answer": (b'{"instruction": "x", "output": "  "}', "empty_field", "field 'output' is empty"),
     "non_utf8": (b'{"instruction": "caf\xe9", "output": "x"}', "non_utf8", "not valid UTF-8 (byte 0xe9"),
+    "lone_surrogate": (b'{"instruction": "bad \\ud800 x", "output": "x"}', "not_unicode",
+                       "holds \\ud800, a lone UTF-16 surrogate"),
     "nested_200k_deep": (b"[" * 200_000 + b"]" * 200_000, "invalid_json", "JSON nested too deeply to parse"),
     "50MB_line": (b'{"instruction": "' + b"a" * 50_000_000 + b'", "output": "x"}', "too_long",
                   "the record is 50,000,034 bytes, over data.max_record_bytes"),

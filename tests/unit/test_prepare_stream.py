@@ -19,9 +19,10 @@ from loraflow.data.tokencount import TokenCounter
 ROOT = Path(__file__).resolve().parents[2]
 
 # reports/prepare.json of the prepare before streaming (loraflow c91df1a, which read every record, then tokenized
-# all prompts and all full texts), run once on the inputs below. The dataset digest covers data/prepared's bytes.
+# all prompts and all full texts; plus the not_unicode reason added since, 0 on these inputs), run once on the inputs
+# below. The dataset digest covers data/prepared's bytes.
 CLEAN = {"answer_truncated": 0, "duplicate": 0, "empty_field": 0, "invalid_chat": 0, "invalid_csv": 0,
-         "invalid_json": 0, "missing_field": 0, "non_utf8": 0, "too_long": 0, "wrong_type": 0}
+         "invalid_json": 0, "missing_field": 0, "non_utf8": 0, "not_unicode": 0, "too_long": 0, "wrong_type": 0}
 SAMPLE = {"dataset_digest": "4740844168fc1c61850ea459474f2551", "dropped": CLEAN, "format": "alpaca",
           "records_dropped": 0, "records_kept": 2118, "records_read": 2118,
           "splits": {"test": 235, "train": 1682, "val": 201}, "truncated": 0}
@@ -33,14 +34,14 @@ BEFORE = {
     ("hard", "tiny"): {
         "dataset_digest": "8d622efb78e3684f3019fe60c0517a7b",
         "dropped": {"answer_truncated": 400, "duplicate": 113, "empty_field": 28, "invalid_chat": 0, "invalid_csv": 0,
-                    "invalid_json": 67, "missing_field": 40, "non_utf8": 21, "too_long": 0, "wrong_type": 69},
+                    "invalid_json": 67, "missing_field": 40, "non_utf8": 21, "not_unicode": 0, "too_long": 0, "wrong_type": 69},
         "format": "alpaca", "records_dropped": 738, "records_kept": 701, "records_read": 1439,
         "splits": {"test": 68, "train": 555, "val": 78},
         "token_length": {"max": 182, "p50": 31, "p90": 46, "p99": 158}, "truncated": 313},
     ("hard", "embedded"): {
         "dataset_digest": "52ae45444361396b6fab7cdd330b7eca",
         "dropped": {"answer_truncated": 65, "duplicate": 113, "empty_field": 28, "invalid_chat": 0, "invalid_csv": 0,
-                    "invalid_json": 67, "missing_field": 40, "non_utf8": 21, "too_long": 0, "wrong_type": 69},
+                    "invalid_json": 67, "missing_field": 40, "non_utf8": 21, "not_unicode": 0, "too_long": 0, "wrong_type": 69},
         "format": "alpaca", "records_dropped": 403, "records_kept": 1036, "records_read": 1439,
         "splits": {"test": 106, "train": 828, "val": 102},
         "token_length": {"max": 152, "p50": 47, "p90": 63, "p99": 132}, "truncated": 83},

@@ -17,6 +17,10 @@ Checks: every merged weight on random vectors against ``W·x + scale·B·(A·x)`
 model fits in memory (``merge.check_logits``), merged vs unmerged logits within a dtype-aware
 tolerance, the merged model's test loss (the registered model is a measured model) against the tuned
 loss from evaluate, and forward latency merged vs base (no runtime tax).
+
+Disk space: the merged size is known before anything is written (shapes x output dtype, the configs, the
+tokenizer files): merge refuses up front where ``outputs/`` has less free, and a disk that fills anyway
+(another writer, a quota) stops it with one line; either way ``outputs/merged`` is the previous one or none.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
     if not rows:
         raise DataError(f"{paths.split('test')}: the test split is empty; the merged model must be measured on one")
     tokenizer = load_adapter_tokenizer(cfg, paths)
-    quant = trained_quantization(cfg, paths)
+    quant = trained_quantization(cfg, paths)  # None: a LoRA adapter on the full-precision base
     merge_base = cfg.merge.base if quant is not None else "original"
     base_dir = loading.local_base_dir(cfg, paths)
     dtype = output_dtype(base_dir, cfg.merge.dtype)
@@ -94,13 +98,13 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker()) -> MergeRes
         tokenizer.save_pretrained(folder)
         if _logit_check(cfg, _size(folder), dtype):
             checked.update(_check_logits(cfg.model_copy(update={"quantization": quant or cfg.quantization}), paths,
-                                         folder, tokenizer, rows, merge_base, dtype))
+                                         folder, tokenizer, rows, merge_base, dtype, qlora=quant is not None))
         else:
             say("merged vs unmerged logits not compared: the model does not fit in memory three times over "
                 "(merge.logit_check: auto); the per-weight check covers every merged weight")
 
     stats = merge_checkpoint(base_dir, paths.adapter, paths.merged, base=merge_base, quant=quant, dtype=dtype,
-                             finish=finish)
+                             finish=finish, finish_files=("the tokenizer files", _tokenizer_sizes(paths, base_dir)))
     say(f"merged {stats.tensors_merged} weights into the {merge_base} base ({stats.tensors_dequantized} more NF4 "
         f"round trips): {size_text(stats.bytes_written)} of {stats.dtype} in {stats.shards} file(s); worst "
         f"per-weight relative error {stats.worst_rel_error:.3g} ({stats.worst_layer}), tolerance {stats.tolerance:.3g}")
@@ -159,19 +163,29 @@ def _logit_check(cfg: Config, merged_bytes: int, dtype: "torch.dtype") -> bool:
     return 3 * fp32_bytes <= 0.5 * psutil.virtual_memory().available
 
 
+def _tokenizer_sizes(paths: Paths, base_dir: Path) -> list[int]:
+    """Sizes of the tokenizer files where ``load_adapter_tokenizer`` reads them (saved with the adapter, else
+    the base's): about what ``finish`` writes into the merged folder, counted in the space the merge needs."""
+    folder = paths.adapter if (paths.adapter / "tokenizer_config.json").exists() else base_dir
+    names = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+             "chat_template.jinja", "chat_template.json"}
+    return [f.stat().st_size for f in folder.iterdir()
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in names)]
+
+
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
 
 
 def _check_logits(cfg: Config, paths: Paths, merged_dir: Path, tokenizer, rows: list[dict], merge_base: str,
-                  dtype: "torch.dtype") -> dict:
+                  dtype: "torch.dtype", *, qlora: bool) -> dict:
     """Merged (read back from disk, in fp32) vs unmerged logits on the same full-precision base, and vs the
-    model as trained; the merged model's test loss; forward latency merged vs base."""
+    model as trained (``qlora``: the 4-bit base + adapter); the merged model's test loss; forward latency
+    merged vs base."""
     import torch
     from transformers import AutoModelForCausalLM
 
     probe = _probe_batch(tokenizer, rows[:PROBE_ROWS], cfg.data.max_length)
-    qlora = loading.uses_4bit(cfg, paths)
     base = loading.load_model(cfg, paths, quantized=False)
     trained_logits = None
     if qlora:

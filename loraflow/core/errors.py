@@ -38,3 +38,9 @@ class TrainingError(LoraflowError):
     """Training diverged or a pre-flight check failed."""
 
     exit_code = 1
+
+
+class DiskFullError(LoraflowError):
+    """An output does not fit where it goes (disk full, quota exceeded, file too large); nothing half-written is left."""
+
+    exit_code = 1

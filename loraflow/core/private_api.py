@@ -88,3 +88,45 @@ def prefect_server_command(python: str, prefect_dir: Path, port: int) -> tuple[l
 # token counts into each checkpoint, last and atomically, so a checkpoint holding them is complete.
 # The public callback (on_save) runs after the checkpoint is written but is not told its folder.
 TRAINER_SAVE_CHECKPOINT = "_save_checkpoint"
+
+
+# transformers' 4-bit load, re-enacted on a meta-device skeleton by the streaming merge (model/streaming_merge.py):
+# which modules a 4-bit load replaces, which weights it quantizes, which it keeps in fp32 and which are tied are
+# transformers' decisions, taken from it rather than copied (a copy drifts from the load training did).
+# Public way: load the model in 4-bit (from_pretrained with a BitsAndBytesConfig), the whole model in memory,
+# which is what the streaming merge exists to avoid (~27 GB for a 7B with the fp32 copy the merge needs).
+
+
+def hf_prepare_4bit_skeleton(model: Any, bnb_config: Any, dtype: Any) -> Any:
+    """Replace the modules of ``model`` (built on the meta device) as ``from_pretrained(quantization_config=
+    bnb_config, dtype=dtype)`` does before it reads any weight; return transformers' quantizer for it
+    (``AutoHfQuantizer.from_config``, ``HfQuantizer.preprocess_model``)."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+    return quantizer
+
+
+def hf_param_needs_quantization(quantizer: Any, model: Any, key: str) -> bool:
+    """Whether the load that ``quantizer`` prepared quantizes the parameter ``key`` (transformers' own rule)."""
+    return bool(quantizer.param_needs_quantization(model, key))
+
+
+def hf_replaced_class(module: Any) -> type | None:
+    """The class a quantized load replaced ``module``'s with (``source_cls``, which transformers'
+    ``replace_with_bnb_linear`` sets on each ``Linear4bit``), or None."""
+    source = getattr(module, "source_cls", None)
+    return source if isinstance(source, type) else None
+
+
+def hf_tied_weights(model: Any) -> set[str]:
+    """Every parameter name tied to another, both sides (``all_tied_weights_keys``: {target: source}, set by
+    ``PreTrainedModel.post_init``)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied) | set(tied.values())
+
+
+def hf_keep_in_fp32_strict(model: Any) -> set[str] | list[str] | tuple[()]:
+    """Modules a load keeps in fp32 even when asked for bf16 (``_keep_in_fp32_modules_strict``)."""
+    return getattr(model, "_keep_in_fp32_modules_strict", None) or ()

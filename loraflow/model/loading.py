@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraflow.core.config import EMBEDDED_BASE, Config
+from loraflow.core.config import EMBEDDED_BASE, Config, QuantizationSection
 from loraflow.core.errors import ConfigError, ModelError
 from loraflow.core.paths import Paths
 
@@ -100,9 +100,26 @@ def compute_dtype(cfg: Config) -> "torch.dtype":
     ``bnb_4bit_compute_dtype=bfloat16`` trained ~15x slower than fp32 on such a CPU here, while bf16
     autocast was 1.52x faster than fp32 on CPUs that have AVX512-BF16 (docs/traps.md §4).
     """
+    return _resolve_compute_dtype(cfg.quantization.compute_dtype)
+
+
+def quantized_load_dtypes(quantization: QuantizationSection) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, load dtype) of the 4-bit load under ``quantization``: what bitsandbytes computes in
+    (``compute_dtype``'s rule) and what ``from_pretrained`` casts the weights to before quantizing them (and
+    keeps the unquantized ones in): the compute dtype, except that fp16 compute loads in fp32.
+
+    ``load_model(quantized=True)`` loads by it and the streaming merge reproduces that load by it
+    (``model/streaming_merge.py``), so the two cannot drift apart.
+    """
     import torch
 
-    name = cfg.quantization.compute_dtype
+    cdtype = _resolve_compute_dtype(quantization.compute_dtype)
+    return cdtype, (cdtype if cdtype != torch.float16 else torch.float32)
+
+
+def _resolve_compute_dtype(name: str) -> torch.dtype:
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -217,9 +234,8 @@ def load_model(
         use_safetensors=None if allow_pickle else True,
     )
     if quantized:
-        cdtype = compute_dtype(cfg)
+        cdtype, kwargs["dtype"] = quantized_load_dtypes(cfg.quantization)
         kwargs["quantization_config"] = quant.bnb_config(cfg.quantization, cdtype)
-        kwargs["dtype"] = cdtype if cdtype != torch.float16 else torch.float32
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": 0}
     else:

@@ -20,24 +20,30 @@ never from shapes: GPT-2's ``Conv1D`` stores its weight as (in, out), and a 4-bi
 
 Every merged weight is checked on random vectors against ``W_ref·x + scale·B·(A·x)`` (``MergeStats``).
 The output is written with the safetensors layout the Hub uses; tokenizer files and any check of the
-whole model are the caller's (``finish``, run on the folder before it is published).
+whole model are the caller's (``finish``, run on the folder before it is published). It is written all or
+nothing (``core/atomic.atomic_dir``), and its size on disk is known from the plan before the first byte:
+too little free space is refused up front, a write refused later (ENOSPC, EDQUOT, EFBIG) is one line
+(``DiskFullError``) with the partial output removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraflow.core.atomic import atomic_dir
-from loraflow.core.errors import ConfigError, ModelError
-from loraflow.core.progress import bar
+from loraflow.core import private_api
+from loraflow.core.atomic import Space, atomic_dir, disk_full_errno, disk_space
+from loraflow.core.errors import ConfigError, DiskFullError, ModelError
+from loraflow.core.progress import bar, size_text
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
 DTYPE_SETTINGS = ("auto", "bfloat16", "float16", "float32")
 PEFT_PREFIX = "base_model.model."
 
@@ -122,14 +129,19 @@ def merge_checkpoint(
     dtype: torch.dtype,
     max_shard_size: int = 5 * 2**30,
     finish: Callable[[Path], None] | None = None,
+    finish_files: tuple[str, Sequence[int]] = ("the files finish adds", ()),
 ) -> MergeStats:
     """Merge ``adapter_dir`` into the safetensors checkpoint in ``base_dir``; write ``out_dir`` all or nothing.
 
     ``quant`` is the quantization the adapter trained under (None: a LoRA adapter on the full-precision
     base, where ``base`` makes no difference). ``finish(tmp)`` runs on the written folder before it is
     published: it may add files (the tokenizer) or check the model; if it raises, nothing is published.
+    ``finish_files``: what those files are, for a message, and their expected sizes, counted in the space
+    the merge needs.
     Raises ``ModelError`` (one line) for a missing or damaged base, an adapter that does not fit it, or a
-    merged weight that fails the check.
+    merged weight that fails the check; ``DiskFullError`` (one line) when the output does not fit on its
+    filesystem: before anything is written where the free space is clearly short, else when a write is
+    refused (disk full, quota, file too large), with the partial output removed and a previous ``out_dir`` kept.
     """
     import torch
 
@@ -142,20 +154,114 @@ def merge_checkpoint(
     skeleton = _Skeleton.build(base_dir, quant if effective == "dequantized" else None)
     items = _plan(checkpoint, adapter, skeleton, dtype)
     shards = _shard(items, max_shard_size)
+    what_finish_writes, finish_sizes = finish_files
+    room = _Room(out_dir, base_dir, checkpoint.config, what_finish_writes, finish_sizes, dtype, shards,
+                 lambda: _shard(_plan(checkpoint, adapter, skeleton, torch.bfloat16), max_shard_size))
+    if room.need > room.space.free:
+        raise DiskFullError(room.message(f"merge: {out_dir} will not fit", room.space))
     tol = CHECK_EPS_FACTOR * torch.finfo(dtype).eps
     stats = MergeStats(0, 0, 0, 0, 0, len(shards), str(dtype).removeprefix("torch."), effective, None, 0.0, tol)
     merger = _Merger(adapter, skeleton, dtype, tol, stats)
-    with atomic_dir(out_dir) as tmp:
-        with bar(total=sum(i.nbytes for i in items), unit="B", unit_scale=True, desc="merge") as progress:
-            for name, shard in zip(_shard_names(len(shards)), shards):
-                stats.bytes_written += _write_shard(tmp / name, shard, merger.tensor, progress)
-                stats.files.append(name)
-        if len(shards) > 1:
-            stats.bytes_written += _write_index(tmp, shards, _shard_names(len(shards)))
-        stats.bytes_written += _write_configs(base_dir, tmp, checkpoint.config, dtype)
-        if finish is not None:
-            finish(tmp)
+    doing, tmp = "creating a temporary folder", None
+    try:
+        with atomic_dir(out_dir) as tmp:
+            with bar(total=sum(i.nbytes for i in items), unit="B", unit_scale=True, desc="merge") as progress:
+                for name, shard in zip(_shard_names(len(shards)), shards):
+                    doing = f"writing {name}"
+                    stats.bytes_written += _write_shard(tmp / name, shard, merger.tensor, progress)
+                    stats.files.append(name)
+            if len(shards) > 1:
+                doing = f"writing {INDEX_FILE}"
+                stats.bytes_written += _write_index(tmp, shards, _shard_names(len(shards)))
+            doing = "writing config.json"
+            stats.bytes_written += _write_config(tmp, checkpoint.config, dtype)
+            doing = f"writing {GENERATION_FILE}"
+            stats.bytes_written += _copy_generation_config(base_dir, tmp)
+            if finish is not None:
+                doing = f"writing {what_finish_writes}"
+                finish(tmp)
+            doing = "moving it into place"  # atomic_dir's rename, on leaving the block
+    except Exception as e:
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        filename = getattr(e, "filename", None)
+        if doing == f"writing {what_finish_writes}" and filename:  # a write of finish's that names its file
+            if tmp is None or Path(filename).parent != tmp:
+                raise  # not into the output (a cache elsewhere): not this folder's space, not this message
+            doing = f"writing {Path(filename).name}"
+        what = f"merge: {_DISK_FULL.get(code, 'disk full')} while {doing} into {out_dir} ({os.strerror(code)})"
+        raise DiskFullError(room.message(what, disk_space(out_dir), code)) from None
     return stats
+
+
+_DISK_FULL = {errno.ENOSPC: "disk full", errno.EFBIG: "file too large"} | (
+    {errno.EDQUOT: "disk quota exceeded"} if hasattr(errno, "EDQUOT") else {})
+
+
+@dataclass
+class _Room:
+    """The space the output takes on its filesystem, known before anything is written: each shard's bytes
+    (header and data, from the plan's shapes and dtypes), the index, the configs and what ``finish`` adds,
+    each file rounded up to the filesystem's block, and one block for the folder."""
+
+    out_dir: Path
+    base_dir: Path
+    config: dict
+    extra_what: str  # what finish adds, e.g. "the tokenizer files"
+    extra: Sequence[int]  # and their sizes
+    dtype: torch.dtype
+    shards: list[list[_Item]]
+    shards_16bit: Callable[[], list[list[_Item]]]  # the plan in bfloat16, for the fix a message offers
+
+    def __post_init__(self) -> None:
+        self.space = disk_space(self.out_dir)
+        self.need = self.bytes_for(self.shards, self.dtype)
+
+    def bytes_for(self, shards: list[list[_Item]], dtype: torch.dtype) -> int:
+        sizes = [8 + len(_shard_header(shard)[1]) + sum(i.nbytes for i in shard) for shard in shards]
+        if len(shards) > 1:
+            sizes.append(len(_index_text(shards, _shard_names(len(shards))).encode()))
+        sizes.append(len(_config_text(self.config, dtype).encode()))
+        generation = self.base_dir / GENERATION_FILE
+        if generation.exists():
+            sizes.append(generation.stat().st_size)
+        return sum(self.space.stored(n) for n in [*sizes, *self.extra]) + self.space.block
+
+    def message(self, what: str, space: Space, error: int | None = None) -> str:
+        """One line: what, where (the filesystem, its free space, what the merge needs) and how to fix it.
+        ``error``: the errno of the write that was refused (None: refused before writing)."""
+        import torch
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        parts = ", ".join([f"{dtype} weights", "configs", *([self.extra_what] if self.extra else [])])
+        where = (f"the merged model needs {size_text(self.need)} ({parts}), its filesystem (mounted on {space.mount}) "
+                 f"has {size_text(space.free)} free" + (" with the partial output removed" if error is not None else ""))
+        too_large = error == errno.EFBIG
+        short = self.need - space.free
+        if too_large:
+            fix = f"the filesystem on {space.mount} (or `ulimit -f`) refuses a file that large: put outputs/ elsewhere"
+            fixes = [fix]
+        elif short > 0:
+            previous = sum(space.stored(f.stat().st_size) for f in self.out_dir.iterdir() if f.is_file()) \
+                if self.out_dir.is_dir() else 0
+            fixes = [f"free {size_text(short)} on {space.mount}"
+                     + (f" (deleting the previous {self.out_dir.name} folder frees {size_text(previous)})"
+                        if previous else "")]
+        elif error is not None and error == getattr(errno, "EDQUOT", None):
+            fixes = [f"raise your disk quota on {space.mount}, or free some of it"]
+        else:  # the space is back: something else wrote there meanwhile
+            fixes = [f"free space on {space.mount} (something else used it during the merge)"]
+        if not too_large:
+            if self.dtype.itemsize > 2:
+                need_16bit = self.bytes_for(self.shards_16bit(), torch.bfloat16)
+                fixes.append(f"set merge.dtype bfloat16 ({size_text(need_16bit)} needed)")
+            fixes.append("put outputs/ on a larger disk (a symlink will do)")
+        line = f"{what}: {where}; {', or '.join(fixes)}"
+        if error is not None:
+            kept = " (the previous one is kept)" if self.out_dir.exists() else ""
+            line += f"; nothing was written to {self.out_dir}{kept}"
+        return line
 
 
 # --------------------------------------------------------------------------------------------- the base
@@ -363,8 +469,7 @@ class _Skeleton:
         quantizer, load_dtype = None, None
         if quant is not None:
             quantizer, load_dtype = _as_4bit_load(model, quant)
-        tied_map = getattr(model, "all_tied_weights_keys", None) or {}
-        tied = set(tied_map) | set(tied_map.values())
+        tied = private_api.hf_tied_weights(model)
         return cls(model, quantizer, load_dtype, tied, {n for n, _ in model.named_parameters(remove_duplicate=False)},
                    set(model.state_dict()))
 
@@ -387,12 +492,13 @@ class _Skeleton:
         from transformers.pytorch_utils import Conv1D
 
         m = self.module(key)
-        source = getattr(m, "source_cls", None)
-        return isinstance(m, Conv1D) or (isinstance(source, type) and issubclass(source, Conv1D))
+        source = private_api.hf_replaced_class(m)
+        return isinstance(m, Conv1D) or (source is not None and issubclass(source, Conv1D))
 
     def is_quantized(self, key: str) -> bool:
         """Whether a 4-bit load quantizes this tensor (transformers' own rule)."""
-        return self.quantizer is not None and key in self.state_keys and self.quantizer.param_needs_quantization(self.model, key)
+        return (self.quantizer is not None and key in self.state_keys
+                and private_api.hf_param_needs_quantization(self.quantizer, self.model, key))
 
     def as_loaded_dtype(self, key: str) -> torch.dtype | None:
         """The dtype the 4-bit load kept an unquantized parameter in (embeddings, norms, head), or None."""
@@ -400,7 +506,7 @@ class _Skeleton:
 
         if self.load_dtype is None or key not in self.params:
             return None
-        strict = getattr(self.model, "_keep_in_fp32_modules_strict", None) or ()
+        strict = private_api.hf_keep_in_fp32_strict(self.model)
         if self.load_dtype == torch.bfloat16 and any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", key) for m in strict):
             return torch.float32
         return self.load_dtype
@@ -413,31 +519,11 @@ def _as_4bit_load(model: Any, quant: QuantizationSection) -> tuple[Any, torch.dt
     quantizes, their block size, quant type and double quantization are transformers' choice, not a copy
     of it. Returns the quantizer and the dtype ``load_model`` loads weights in (cast before quantizing).
     """
-    from transformers.quantizers.auto import AutoHfQuantizer
-
+    from loraflow.model.loading import quantized_load_dtypes
     from loraflow.model.quant import bnb_config
 
-    load_dtype = _quantized_load_dtype(quant)
-    quantizer = AutoHfQuantizer.from_config(bnb_config(quant, _compute_dtype(quant)), pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=load_dtype, device_map={"": "cpu"})
-    return quantizer, load_dtype
-
-
-def _compute_dtype(quant: QuantizationSection) -> torch.dtype:
-    """``loading.compute_dtype`` for this quantization section (it reads only ``cfg.quantization``)."""
-    from types import SimpleNamespace
-
-    from loraflow.model.loading import compute_dtype
-
-    return compute_dtype(SimpleNamespace(quantization=quant))
-
-
-def _quantized_load_dtype(quant: QuantizationSection) -> torch.dtype:
-    """The ``dtype`` that ``loading.load_model(quantized=True)`` passes to from_pretrained: keep in step with it."""
-    import torch
-
-    cdtype = _compute_dtype(quant)
-    return cdtype if cdtype != torch.float16 else torch.float32
+    compute_dtype, load_dtype = quantized_load_dtypes(quant)
+    return private_api.hf_prepare_4bit_skeleton(model, bnb_config(quant, compute_dtype), load_dtype), load_dtype
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -631,14 +717,12 @@ def _matmul64(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _write_shard(path: Path, items: list[_Item], make: Callable[[_Item], torch.Tensor], progress: Any) -> int:
-    """One safetensors file, streamed: the header is known from the plan, then each tensor is made and written.
+def _shard_header(items: list[_Item]) -> tuple[list[_Item], bytes]:
+    """A shard's tensors in file order and its JSON header (padded to 8 bytes), known from the plan alone.
 
     Tensors go largest element first so each starts aligned to its element size (as safetensors' own
-    writer orders them); the header is padded to 8 bytes.
+    writer orders them).
     """
-    import torch
-
     ordered = sorted(items, key=lambda i: -i.out_dtype.itemsize)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -647,7 +731,14 @@ def _write_shard(path: Path, items: list[_Item], make: Callable[[_Item], torch.T
                                   "data_offsets": [offset, offset + item.nbytes]}
         offset += item.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    return ordered, raw + b" " * (-len(raw) % 8)
+
+
+def _write_shard(path: Path, items: list[_Item], make: Callable[[_Item], torch.Tensor], progress: Any) -> int:
+    """One safetensors file, streamed: the header is known from the plan, then each tensor is made and written."""
+    import torch
+
+    ordered, raw = _shard_header(items)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
@@ -659,7 +750,7 @@ def _write_shard(path: Path, items: list[_Item], make: Callable[[_Item], torch.T
             fh.write(memoryview(data))
             progress.update(item.nbytes)
             del t, data
-    return 8 + len(raw) + offset
+    return 8 + len(raw) + sum(i.nbytes for i in ordered)
 
 
 def _st_name(dtype: torch.dtype) -> str:
@@ -667,30 +758,42 @@ def _st_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _ST_DTYPES.items() if v == name)
 
 
-def _write_index(folder: Path, shards: list[list[_Item]], names: list[str]) -> int:
+def _index_text(shards: list[list[_Item]], names: list[str]) -> str:
     """``model.safetensors.index.json`` as the Hub's: total tensor bytes and tensor -> file."""
     weight_map = {item.entry.key: name for shard, name in zip(shards, names) for item in shard}
     index = {"metadata": {"total_size": sum(i.nbytes for s in shards for i in s)},
              "weight_map": dict(sorted(weight_map.items()))}
-    text = json.dumps(index, indent=2) + "\n"
+    return json.dumps(index, indent=2) + "\n"
+
+
+def _write_index(folder: Path, shards: list[list[_Item]], names: list[str]) -> int:
+    text = _index_text(shards, names)
     (folder / INDEX_FILE).write_text(text, encoding="utf-8")
     return len(text.encode())
 
 
-def _write_configs(base_dir: Path, folder: Path, config: dict, dtype: torch.dtype) -> int:
-    """config.json naming the output dtype; generation_config.json as it is."""
+def _config_text(config: dict, dtype: torch.dtype) -> str:
+    """config.json naming the output dtype."""
     name = str(dtype).removeprefix("torch.")
     config = dict(config, dtype=name)
     if "torch_dtype" in config:
         config["torch_dtype"] = name
-    text = json.dumps(config, indent=2) + "\n"
+    return json.dumps(config, indent=2) + "\n"
+
+
+def _write_config(folder: Path, config: dict, dtype: torch.dtype) -> int:
+    text = _config_text(config, dtype)
     (folder / "config.json").write_text(text, encoding="utf-8")
-    written = len(text.encode())
-    generation = base_dir / "generation_config.json"
-    if generation.exists():
-        shutil.copyfile(generation, folder / generation.name)
-        written += generation.stat().st_size
-    return written
+    return len(text.encode())
+
+
+def _copy_generation_config(base_dir: Path, folder: Path) -> int:
+    """generation_config.json as it is, where the base has one."""
+    generation = base_dir / GENERATION_FILE
+    if not generation.exists():
+        return 0
+    shutil.copyfile(generation, folder / GENERATION_FILE)
+    return generation.stat().st_size
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -33,6 +33,40 @@ def test_every_private_name_is_still_there():
     assert callable(getattr(Trainer, private_api.TRAINER_SAVE_CHECKPOINT))
     server = importlib.import_module("prefect.server.api.server")
     assert callable(server.create_app) and hasattr(server, "SubprocessASGIServer")
+    from transformers import PreTrainedModel
+    from transformers.quantizers.auto import AutoHfQuantizer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    assert callable(AutoHfQuantizer.from_config) and callable(HfQuantizer.preprocess_model)
+    assert callable(Bnb4BitHfQuantizer.param_needs_quantization)
+    assert hasattr(PreTrainedModel, "_keep_in_fp32_modules_strict")
+
+
+def test_the_4bit_skeleton_is_what_a_4bit_load_builds():
+    """What the streaming merge reads off transformers' 4-bit load, on a tiny GPT-2 (Conv1D, tied head) built on
+    the meta device: the replaced class, the quantized weights, the tied pair, the strict fp32 modules."""
+    import torch
+    import transformers as tf
+    from transformers.pytorch_utils import Conv1D
+
+    from loraflow.core.config import QuantizationSection
+    from loraflow.model.loading import quantized_load_dtypes
+    from loraflow.model.quant import bnb_config
+
+    config = tf.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=16, vocab_size=128)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    assert private_api.hf_tied_weights(model) == {"lm_head.weight", "transformer.wte.weight"}
+    assert private_api.hf_replaced_class(model.transformer.h[0].attn.c_attn) is None  # not replaced yet
+    compute, load = quantized_load_dtypes(QuantizationSection())
+    quantizer = private_api.hf_prepare_4bit_skeleton(model, bnb_config(QuantizationSection(), compute), load)
+    layer = model.transformer.h[0].attn.c_attn
+    assert type(layer).__name__ == "Linear4bit" and private_api.hf_replaced_class(layer) is Conv1D
+    assert private_api.hf_param_needs_quantization(quantizer, model, "transformer.h.0.attn.c_attn.weight")
+    assert not private_api.hf_param_needs_quantization(quantizer, model, "transformer.h.0.attn.c_attn.bias")
+    assert not private_api.hf_param_needs_quantization(quantizer, model, "transformer.wte.weight")
+    assert set(private_api.hf_keep_in_fp32_strict(model)) == set(type(model)._keep_in_fp32_modules_strict or ())
 
 
 def test_the_fluent_uri_is_put_back(monkeypatch, tmp_path):

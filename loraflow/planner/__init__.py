@@ -22,11 +22,21 @@ from loraflow.core.config import Config
 from loraflow.core.errors import ConfigError, TrainingError
 from loraflow.core.paths import Paths
 from loraflow.model import loading
+from loraflow.planner import after_training as at
 from loraflow.planner import estimates as est
 from loraflow.planner.checks import LINT_IDS, last_tracked_lora, lints
 from loraflow.planner.dataset import data_size
 from loraflow.planner.estimates import HEADROOM
-from loraflow.planner.result import GIB, METHODS, DataSize, Device, Lint, Memory, Plan
+from loraflow.planner.result import (
+    GIB,
+    METHODS,
+    DataSize,
+    Device,
+    Lint,
+    Memory,
+    Plan,
+    StageCosts,
+)
 from loraflow.planner.shapes import (
     Linear,
     ModelShape,
@@ -37,7 +47,7 @@ from loraflow.planner.shapes import (
 
 __all__ = [
     "plan", "lints", "cli", "strict_check", "detect_device", "memory_estimates",
-    "Plan", "Lint", "Device", "Memory", "DataSize", "ModelShape", "LINT_IDS", "HEADROOM",
+    "Plan", "Lint", "Device", "Memory", "DataSize", "StageCosts", "ModelShape", "LINT_IDS", "HEADROOM",
     "last_tracked_lora", "model_shape", "resolve_targets", "resolve_method",
 ]
 
@@ -65,6 +75,10 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
     data = data_size(cfg, paths)
     steps, tokens = est.steps_and_tokens(
         data.train_records, data.tokens_per_record, t.epochs, t.max_steps, batch, t.grad_accum
+    )
+    after, logit_check = at.after_training(
+        shape, cfg, config, adapted, adapter, trainable, device, _weight_bytes(cfg, device), where,
+        data.test_records, data.tokens_per_record,
     )
     seconds = {
         m: None if tokens is None else est.train_seconds(
@@ -98,6 +112,8 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         gradient_checkpointing=ckpt,
         assumptions=_assumptions(cfg, device, data, shape),
         mapped_bytes=est.mapped_checkpoint_bytes(shape, method, device.kind, _checkpoint_bytes(config)),
+        after_training=after,
+        merge_logit_check=logit_check,
     )
     return replace(result, lints=lints(cfg, paths, result)) if with_lints else result
 
@@ -273,6 +289,20 @@ def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape)
         f"fits = at most {HEADROOM:.0%} of the device memory",
         f"time: {speed}; FLOPs/token full 6·N, LoRA 4·N + 6·P_adapter (frozen weights get no weight "
         f"gradient), + 2·N with checkpointing; QLoRA × {est.QLORA_SLOWDOWN} for dequantization",
+        "after training: evaluate = the base as load_tuned loads it (LoRA w·P, the mapped checkpoint on a CPU; "
+        "QLoRA NF4·P_q + the head, its load reading every linear through the mapping) + the fp32 adapter + "
+        f"max(one loss batch of eval.batch_size {cfg.eval.batch_size} × {cfg.data.max_length} tokens, "
+        + ("generation's prefill copying the LM head once per prompt on a CPU in bf16" if device.kind == "cpu"
+           else "generation")
+        + "); merge = the adapter + a few copies of the largest tensor (a bf16 weight merged in fp32: 14 bytes per "
+        "element; QLoRA's NF4 round trip: 16), whatever the depth, or the logit check (the fp32 model and one more "
+        "copy of the model) when merge.logit_check runs; merged = parameters × bytes of merge.dtype; registered = "
+        "that folder (register.log: merged) or the adapter folder, + tokenizer and MLflow's files; merge time = "
+        f"{at.MERGE_FIXED_SECONDS:g} s + read + write at {at.MERGE_IO_BYTES_PER_SECOND / 1e9:g} GB/s (page cache) "
+        f"+ {at.MERGE_SECONDS_PER_ELEMENT * 1e9:g} ns per merged weight element and "
+        f"{at.NF4_ROUND_TRIP_SECONDS_PER_ELEMENT * 1e9:g} ns per NF4 round trip on {at.CALIBRATION_CORES} cores"
+        + ("; CPU peaks are above each stage's imports, with measured runtime terms (bench/plan_after_training.py)"
+           if device.kind == "cpu" else "; merge and register peaks are host RAM"),
         f"records: {data.records_source}",
         f"tokens per record: {data.tokens_source}",
     ]

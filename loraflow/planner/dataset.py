@@ -19,10 +19,22 @@ def data_size(cfg: Config, paths: Paths) -> DataSize:
     dataset is not counted (no network).
     Tokens per record: the median (p50) of ``reports/prepare.json``'s ``token_length``, capped
     at ``data.max_length``; else ``max_length / 2``.
+    Test records (what evaluate and merge's logit check run through): the prepared test split when
+    present, else the train count scaled by ``test_fraction / train share``.
     """
     records, records_source = _train_records(cfg, paths)
     per_record, tokens_source = _tokens_per_record(cfg, paths)
-    return DataSize(records, records_source, per_record, tokens_source)
+    return DataSize(records, records_source, per_record, tokens_source, _test_records(cfg, paths, records))
+
+
+def _test_records(cfg: Config, paths: Paths, train: int | None) -> int | None:
+    split = paths.split("test")
+    if split.exists():
+        return _count_lines(split)
+    share = 1 - cfg.data.val_fraction - cfg.data.test_fraction
+    if train is None or share <= 0:
+        return None
+    return round(train / share * cfg.data.test_fraction)
 
 
 def _train_records(cfg: Config, paths: Paths) -> tuple[int | None, str]:

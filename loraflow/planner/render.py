@@ -49,6 +49,9 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
         console.print(f"[dim]{plan.method}: while loading, + {_size(plan.mapped_bytes)} file-backed: the checkpoint "
                       "is read through its memory mapping to quantize it, and dropped once loaded[/dim]")
 
+    if plan.after_training:
+        _after_training(console, plan, cfg)
+
     console.print(f"[bold]method[/bold]    {plan.method} — {e(plan.method_reason)}")
     if plan.fit_hint:
         console.print(f"          [red]{e(plan.fit_hint)}[/red]")
@@ -71,6 +74,27 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
     console.print("[dim]assumptions:[/dim]")
     for line in plan.assumptions:
         console.print(f"[dim]  - {e(line)}[/dim]", highlight=False)
+
+
+def _after_training(console, plan: Plan, cfg: Config) -> None:
+    """evaluate, merge and register per method: peaks, sizes, merge time (loraflow.planner.after_training)."""
+    from rich.table import Table
+
+    where = "RSS above imports" if plan.device.kind == "cpu" else "evaluate: GPU memory; merge, register: host RAM"
+    table = Table(title=f"after training ({where})")
+    for col in ("method", "evaluate peak", "merge peak", "merged", f"registered ({cfg.register.log})", "merge time",
+                "register peak"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m, c in plan.after_training.items():
+        table.add_row(f"{m}{' ◀' if m == plan.method else ''}", _size(c.evaluate_peak), _size(c.merge_peak),
+                      _size(c.merged_bytes), _size(c.registered_bytes), _duration(c.merge_seconds),
+                      _size(c.register_peak))
+    console.print(table)
+    check = ("merge peak and time include the logit check (it loads the model in fp32: merge.logit_check "
+             f"{cfg.merge.logit_check})" if plan.merge_logit_check else
+             f"no logit check (merge.logit_check {cfg.merge.logit_check}): the streaming merge's peak is a few "
+             "copies of the largest tensor, whatever the number of layers")
+    console.print(f"[dim]{check}[/dim]")
 
 
 def _size(n: float) -> str:

@@ -68,6 +68,35 @@ class DataSize:
     records_source: str
     tokens_per_record: float
     tokens_source: str
+    test_records: int | None = None  # what evaluate and merge's logit check run through (None: unknown)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """What one method's adapter costs after training (``Plan.after_training``), in bytes and seconds.
+
+    Peaks follow the training estimate's convention: on a CPU, the stage process's resident memory
+    above what its imports hold (runtime terms included); on a GPU, evaluate's is device memory and
+    merge's and register's host RAM (neither uses the GPU for its peak). See
+    ``loraflow.planner.after_training``.
+    """
+
+    evaluate_peak: float  # evaluate: the base as trained (4-bit or compute dtype) + adapter + one batch
+    merge_peak: float  # streaming merge (a few copies of the largest tensor), or the logit check when it runs
+    merged_bytes: float  # the merged weights on disk: parameters x bytes of the merge.dtype output
+    registered_bytes: float  # what register adds to the artifact store per version (register.log)
+    merge_seconds: float  # the merge stage: streaming read/merge/write, + the logit check when it runs
+    register_peak: float  # register: MLflow logging the folder (copied file by file, never loaded)
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "evaluate_peak_gib": round(self.evaluate_peak / GIB, 3),
+            "merge_peak_gib": round(self.merge_peak / GIB, 3),
+            "merged_gib": round(self.merged_bytes / GIB, 3),
+            "registered_gib": round(self.registered_bytes / GIB, 3),
+            "merge_seconds": round(self.merge_seconds, 1),
+            "register_peak_gib": round(self.register_peak / GIB, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -99,6 +128,8 @@ class Plan:
     lints: list[Lint] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     mapped_bytes: float = 0.0  # CPU QLoRA: the checkpoint mapped while loading (file-backed; dropped after the load)
+    after_training: dict[str, StageCosts] = field(default_factory=dict)  # lora | qlora: evaluate, merge, register
+    merge_logit_check: bool = False  # merge would compare logits (merge.logit_check; auto: the fp32 model fits)
 
     @property
     def estimates_gib(self) -> dict[str, float]:
@@ -142,6 +173,8 @@ class Plan:
                 "seconds": self.seconds,
                 "effective_tflops": round(self.device.effective_flops / 1e12, 3),
             },
+            "after_training": {m: c.to_dict() for m, c in self.after_training.items()},
+            "merge_logit_check": self.merge_logit_check,
             "lints": [x.to_dict() for x in self.lints],
             "assumptions": self.assumptions,
         }

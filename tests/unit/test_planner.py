@@ -490,7 +490,7 @@ def test_alpha_ratio_changed_reads_the_last_tracked_run(tmp_path, root):
 
 def test_lint_ids_are_stable():
     assert planner.LINT_IDS == ("rank-too-low", "rank-too-high", "alpha-ratio-changed", "too-many-targets",
-                                "qlora-time-cost", "alpha-convention", "does-not-fit")
+                                "qlora-time-cost", "alpha-convention", "does-not-fit", "merged-artifact-large")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +515,8 @@ def test_cli_json_parses(tmp_path, root, capsys):
     assert set(out["estimates_gib"]) == {"full", "lora", "qlora"}
     assert out["trainable_params"] == 4_194_304
     assert out["time"]["steps"] == 125 and out["time"]["seconds"]["qlora"] > out["time"]["seconds"]["lora"]
-    assert out["lints"] == [] and out["data"]["train_records"] == 1000
+    # the only advice: a merged 7B (fp32 here: no dtype in config.json) registered whole with every version
+    assert [x["id"] for x in out["lints"]] == ["merged-artifact-large"] and out["data"]["train_records"] == 1000
 
 
 def test_cli_table_and_strict(tmp_path, root, capsys):

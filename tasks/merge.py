@@ -49,7 +49,7 @@ from loraflow.model.adapters import (
 )
 from loraflow.model.generation import completion_loss, encode_example
 from loraflow.model.quant import dequantize_into
-from loraflow.model.streaming_merge import merge_checkpoint, output_dtype
+from loraflow.model.streaming_merge import logit_check_runs, merge_checkpoint, output_dtype
 from loraflow.track.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
@@ -152,15 +152,12 @@ def logit_tolerance(cfg: Config, dtype: "torch.dtype", scale: float) -> float:
 
 
 def _logit_check(cfg: Config, merged_bytes: int, dtype: "torch.dtype") -> bool:
-    """merge.logit_check: on, off, or auto = when the model in fp32 fits in memory three times over (the
-    unmerged reference, the merged model and, for QLoRA, the 4-bit model) within half of what is free."""
+    """merge.logit_check for the model just written (``streaming_merge.logit_check_runs``), against free RAM now."""
     import psutil
     import torch
 
-    if cfg.merge.logit_check != "auto":
-        return cfg.merge.logit_check == "on"
     fp32_bytes = merged_bytes / torch.empty((), dtype=dtype).element_size() * 4
-    return 3 * fp32_bytes <= 0.5 * psutil.virtual_memory().available
+    return logit_check_runs(cfg.merge.logit_check, fp32_bytes, psutil.virtual_memory().available)
 
 
 def _tokenizer_sizes(paths: Paths, base_dir: Path) -> list[int]:

@@ -116,7 +116,25 @@ def output_dtype(base_dir: Path, setting: str) -> torch.dtype:
         return getattr(torch, setting)
     config = _read_json(Path(base_dir) / "config.json", "base model config")
     named = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
-    return getattr(torch, named) if named in DTYPE_SETTINGS[1:] else torch.float32
+    return getattr(torch, output_dtype_name(setting, named))
+
+
+def output_dtype_name(setting: str, named: str | None) -> str:
+    """The rule of ``output_dtype`` on names (the planner applies it to a config it read): ``setting``, or for
+    ``auto`` the dtype the base's config names when it is a float dtype a merged model ships in, else float32."""
+    if setting != "auto":
+        return setting
+    named = str(named or "").removeprefix("torch.")
+    return named if named in DTYPE_SETTINGS[1:] else "float32"
+
+
+def logit_check_runs(setting: str, fp32_bytes: float, available: float) -> bool:
+    """``merge.logit_check``: on, off, or auto = when the model in fp32 fits in memory three times over (the
+    unmerged reference, the merged model and, for QLoRA, the 4-bit model) within half of ``available`` RAM.
+    The merge stage decides by it, and the planner predicts by it."""
+    if setting != "auto":
+        return setting == "on"
+    return 3 * fp32_bytes <= 0.5 * available
 
 
 def merge_checkpoint(

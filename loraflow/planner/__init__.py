@@ -111,7 +111,9 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         batch_size=batch,
         gradient_checkpointing=ckpt,
         assumptions=_assumptions(cfg, device, data, shape),
-        mapped_bytes=est.mapped_checkpoint_bytes(shape, method, device.kind, _checkpoint_bytes(config)),
+        mapped_bytes=est.mapped_checkpoint_bytes(
+            shape, method, device.kind, at.dtype_bytes(at.config_dtype(config))  # bytes per weight on disk
+        ),
         after_training=after,
         merge_logit_check=logit_check,
     )
@@ -155,13 +157,6 @@ def memory_estimates(
         memory = {m: replace(x, allocator=est.cpu_allocator_bytes(m, x.activations), runtime=est.CPU_RUNTIME_BYTES)
                   for m, x in memory.items()}
     return memory
-
-
-def _checkpoint_bytes(config) -> int:
-    """Bytes per weight on disk, from config.json's ``dtype`` (transformers 5 reads an older file's
-    ``torch_dtype`` into it; asking for ``torch_dtype`` itself warns); fp32 if unsaid."""
-    name = str(getattr(config, "dtype", None) or "float32")
-    return 2 if name.removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
 def _weight_bytes(cfg: Config, device: Device) -> int:

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.model.streaming_merge import logit_check_runs as merge_logit_check_runs
+from loraflow.model.streaming_merge import output_dtype_name
 from loraflow.planner.estimates import CPU_RUNTIME_BYTES, NF4_BITS
 from loraflow.planner.result import Device, StageCosts
 from loraflow.planner.shapes import Linear, ModelShape
@@ -198,12 +200,8 @@ def config_dtype(config: Any) -> str | None:
 
 
 def output_bytes(config: Any, setting: str) -> int:
-    """``merge.dtype`` as ``streaming_merge.output_dtype`` resolves it: explicit, or auto = the base's own
-    float dtype (float32 when config.json names none, or names another kind)."""
-    if setting != "auto":
-        return dtype_bytes(setting)
-    named = config_dtype(config)
-    return dtype_bytes(named) if named in ("bfloat16", "float16", "float32") else 4
+    """Bytes per element of ``merge.dtype`` as the merge resolves it (``streaming_merge.output_dtype_name``)."""
+    return dtype_bytes(output_dtype_name(setting, config_dtype(config)))
 
 
 def dtypes(config: Any, cfg: Any, compute: int) -> Dtypes:
@@ -337,11 +335,9 @@ def evaluate_peak(shape: ModelShape, t: Tensors, cfg: Any, d: Dtypes, adapter_pa
 
 
 def logit_check_runs(setting: str, params: int, available: float | None = None) -> bool:
-    """``tasks/merge._logit_check``: on, off, or auto = the fp32 model three times within half the free RAM."""
-    if setting != "auto":
-        return setting == "on"
-    free = available_ram() if available is None else available
-    return 3 * 4 * params <= 0.5 * free
+    """Whether merge compares logits (``streaming_merge.logit_check_runs``, the rule the stage decides by) for
+    ``params`` parameters, against ``available`` RAM (None: this machine's now)."""
+    return merge_logit_check_runs(setting, 4 * params, available_ram() if available is None else available)
 
 
 def available_ram() -> float:

@@ -46,11 +46,13 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
     Every example must have a supervised token and no supervised prompt token; every example that
     fits in ``max_length`` must end with a supervised EOS. Returns the rendered ``sample``.
     """
+    from trl.data_utils import common_prefix_length
+
     ds = trainer.train_dataset
     eos = tokenizer.eos_token_id
     by_id = {str(r["id"]): r for r in rows}
     kept = list(ds["id"])
-    # TRL drops examples that truncation left without a supervised token; for us that is a data fault.
+    # sft.tokenize drops examples that truncation left without a supervised token; for us that is a data fault.
     kept_set = set(kept)
     missing = [i for i in by_id if i not in kept_set]
     if missing:
@@ -67,9 +69,10 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
             raise TrainingError(f"train: example {i} has no supervised token; check its completion")
         if any(labels[k] != ids[k] for k in sup):
             raise TrainingError(f"train: example {i} has labels that differ from its tokens; this is a bug")
-        if sup[0] < _common_prefix(prompt_ids, ids):
+        prompt_end = common_prefix_length(prompt_ids, ids)
+        if sup[0] < prompt_end:
             raise TrainingError(
-                f"train: example {i} supervises prompt tokens ({tokenizer.decode(ids[sup[0]:_common_prefix(prompt_ids, ids)])!r}); "
+                f"train: example {i} supervises prompt tokens ({tokenizer.decode(ids[sup[0]:prompt_end])!r}); "
                 "prompt tokens must be -100 in the labels"
             )
         # Shorter than max_length means nothing was cut: the answer must end with a supervised EOS.
@@ -94,12 +97,3 @@ def audit_labels(trainer, tokenizer, rows: list[dict], max_length: int, sample: 
         "----\n" + render_supervised(tokenizer, ids, labels) + "\n"
     )
     return LabelAudit(text, len(kept), supervised, total, truncated)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

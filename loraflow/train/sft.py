@@ -56,11 +56,12 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", rows: list[dict], max_length:
     The same ids and labels TRL's SFTTrainer derives from ``to_dataset(rows)`` with ``completion_only_loss``
     (trl 1.x ``_prepare_dataset``: append EOS to a completion lacking it, tokenize prompt and prompt+completion,
     supervise from where the two diverge, keep the first ``max_length`` tokens, drop rows left with no supervised
-    token), but tokenized in batches: TRL maps one row at a time through five ``datasets.map`` passes, 727 rows/s
-    against ~2,100 here on 300k alpaca rows (issue 16), so a large set would spend minutes on it before step 1.
+    token), but tokenized in batches: TRL maps one row at a time through five ``datasets.map`` passes, 1,117 rows/s
+    against 2,548 here (``bench/train_tokenize.py``), so a large set would spend minutes on it before step 1.
     ``tests/integration/test_train.py::test_pretokenized_equals_trl`` holds the two equal.
     """
     import datasets
+    from trl.data_utils import common_prefix_length  # where TRL itself starts the supervision
 
     eos = tokenizer.eos_token
     ids_out: list[str] = []
@@ -74,7 +75,7 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", rows: list[dict], max_length:
         prompt_ids = tokenizer(text=prompts)["input_ids"]
         full_ids = tokenizer(text=[p + c for p, c in zip(prompts, completions)])["input_ids"]
         for row, p_ids, ids in zip(chunk, prompt_ids, full_ids):
-            cut = _common_prefix(p_ids, ids)
+            cut = common_prefix_length(p_ids, ids)
             diverged += cut < len(p_ids)
             row_labels = [IGNORE] * cut + ids[cut:]
             if max_length is not None:
@@ -88,15 +89,6 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", rows: list[dict], max_length:
         say(f"train: in {diverged} of {len(rows)} rows the tokenized prompt is not a prefix of prompt + completion "
             "(tokens merge across the boundary); their supervision starts where the two diverge")
     return datasets.Dataset.from_dict({"id": ids_out, "input_ids": input_ids, "labels": labels})
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def sft_config(

@@ -164,10 +164,7 @@ def _tokenizer_sizes(paths: Paths, base_dir: Path) -> list[int]:
     """Sizes of the tokenizer files where ``load_adapter_tokenizer`` reads them (saved with the adapter, else
     the base's): about what ``finish`` writes into the merged folder, counted in the space the merge needs."""
     folder = paths.adapter if (paths.adapter / "tokenizer_config.json").exists() else base_dir
-    names = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-             "chat_template.jinja", "chat_template.json"}
-    return [f.stat().st_size for f in folder.iterdir()
-            if f.is_file() and (f.name.startswith("tokenizer") or f.name in names)]
+    return [f.stat().st_size for f in loading.tokenizer_files(folder)]
 
 
 def _size(folder: Path) -> int:

@@ -149,6 +149,20 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+# Files of a saved tokenizer besides tokenizer*: what save_pretrained writes for the tokenizer classes we load.
+TOKENIZER_EXTRA_FILES = frozenset({"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                                   "merges.txt", "chat_template.jinja", "chat_template.json"})
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer's files in a model or adapter folder (what merge copies, register ships, the planner counts)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and (f.name.startswith("tokenizer") or f.name in TOKENIZER_EXTRA_FILES))
+
+
 def load_tokenizer(cfg: Config, paths: Paths) -> "PreTrainedTokenizerBase":
     """The base model's tokenizer, with a pad token added when it has none."""
     from transformers import AutoTokenizer

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.model.loading import tokenizer_files
 from loraflow.model.streaming_merge import logit_check_runs as merge_logit_check_runs
 from loraflow.model.streaming_merge import output_dtype_name
 from loraflow.planner.estimates import CPU_RUNTIME_BYTES, NF4_BITS
@@ -120,8 +121,6 @@ MLFLOW_MODEL_FILES_BYTES = 13_600
 SAFETENSORS_ENTRY_BYTES = 100
 CONFIG_FILES_BYTES = 1_000
 ADAPTER_FILES_BYTES = 7_600
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -415,9 +414,9 @@ def check_seconds(shape: ModelShape, t: Tensors, d: Dtypes, method: str, device:
 def tokenizer_bytes(base: str | Path | None) -> int:
     """The base's tokenizer files (register ships the tokenizer training saved: the same files), 0 when
     the base is not a local folder."""
-    if base is None or not Path(base).is_dir():
+    if base is None:
         return 0
-    return sum((Path(base) / f).stat().st_size for f in TOKENIZER_FILES if (Path(base) / f).is_file())
+    return sum(f.stat().st_size for f in tokenizer_files(Path(base)))
 
 
 def merged_bytes(t: Tensors, d: Dtypes) -> float:

@@ -81,9 +81,9 @@ def _after_training(console, plan: Plan, cfg: Config) -> None:
     from rich.table import Table
 
     where = "RSS above imports" if plan.device.kind == "cpu" else "evaluate: GPU memory; merge, register: host RAM"
-    table = Table(title=f"after training ({where})")
-    for col in ("method", "evaluate peak", "merge peak", "merged", f"registered ({cfg.register.log})", "merge time",
-                "register peak"):
+    # artifact: what register logs (register.log, in the title: longer headers get cut to "register…" in 80 columns)
+    table = Table(title=f"after training ({where}; register.log: {cfg.register.log})")
+    for col in ("method", "evaluate peak", "merge peak", "merged", "artifact", "merge time", "register peak"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for m, c in plan.after_training.items():
         table.add_row(f"{m}{' ◀' if m == plan.method else ''}", _size(c.evaluate_peak), _size(c.merge_peak),

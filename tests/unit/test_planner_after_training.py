@@ -242,4 +242,4 @@ def test_json_and_report(tmp_path):
     console = Console(record=True, width=160)
     render(p, cfg, console)
     text = console.export_text()
-    assert "after training" in text and "merge peak" in text and "registered (merged)" in text
+    assert "after training" in text and "merge peak" in text and "register.log: merged" in text

@@ -208,8 +208,10 @@ def _check_logits(cfg: Config, paths: Paths, merged_dir: Path, tokenizer, rows: 
     diff_trained = _max_abs_diff(merged_logits, trained_logits, probe["mask"])
     scale = float(unmerged_logits[probe["mask"].bool()].abs().max())
     allowed = logit_tolerance(cfg, dtype, scale)
+    trained = f"{'4-bit base' if qlora else 'base'} + adapter in {str(loading.compute_dtype(cfg)).removeprefix('torch.')}"
     say(f"max |merged - unmerged| logit {diff:.3g} (allowed {allowed:.3g} for {str(dtype).removeprefix('torch.')} "
-        f"weights, logits up to {scale:.3g}); vs trained model {diff_trained:.3g}")
+        f"weights, logits up to {scale:.3g}); vs the model as trained ({trained}, read back here in float32) "
+        f"{diff_trained:.3g}")
     if not diff <= allowed:  # NaN fails too
         raise LoraflowError(
             f"merge: merged and unmerged logits differ by {diff:.3g} > {allowed:.3g} (merge.tolerance "
@@ -222,7 +224,8 @@ def _check_logits(cfg: Config, paths: Paths, merged_dir: Path, tokenizer, rows: 
     tuned_loss = _tuned_loss(paths)
     loss_delta = loss - tuned_loss if loss is not None and tuned_loss is not None else None
     delta = f"{loss_delta:+.4f}" if loss_delta is not None else "n/a (run evaluate first)"
-    say(f"merged test loss {loss}, vs tuned {delta}; forward {latency_merged:.1f} ms merged, "
+    shown = f"{loss:.4f}" if loss is not None else "n/a (no supervised token)"
+    say(f"merged test loss {shown}, vs tuned {delta}; forward {latency_merged:.1f} ms merged, "
         f"{latency_base:.1f} ms base")
     return {"max_abs_logit_diff": diff, "logit_tolerance": allowed, "logit_scale": scale,
             "max_abs_logit_diff_trained": diff_trained, "loss": loss, "loss_delta": loss_delta,

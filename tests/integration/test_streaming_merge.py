@@ -422,7 +422,6 @@ def test_sharded_output_loads_and_sharded_input_reads(bases, adapters, tmp_path)
 def _broken(kind: str, bases, adapters, tmp: Path) -> tuple[Path, Path, str]:
     """(base, adapter, what the message must say) for one kind of bad input."""
     from peft import LoraConfig
-    from safetensors.torch import load_file, save_file
 
     base, adapter = bases["llama"], adapters["llama-lora"]
     if kind == "no-safetensors":
@@ -443,12 +442,8 @@ def _broken(kind: str, bases, adapters, tmp: Path) -> tuple[Path, Path, str]:
         os.truncate(shard, shard.stat().st_size // 2)
         return broken, adapter, "damaged or incomplete"
     if kind == "shape":
-        broken = tmp / "adapter-shape"
-        shutil.copytree(adapter, broken)
-        tensors = load_file(str(broken / "adapter_model.safetensors"))
-        key = next(k for k in tensors if k.endswith("lora_A.weight"))
-        tensors[key] = torch.zeros(tensors[key].shape[0], 96)
-        save_file(tensors, str(broken / "adapter_model.safetensors"))
+        broken, key = _edit_adapter(adapter, tmp / "adapter-shape", "lora_A.weight",
+                                    lambda t: torch.zeros(t.shape[0], 96))
         return base, broken, "was the adapter trained on this base"
     if kind == "tied":
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
@@ -466,14 +461,27 @@ def _broken(kind: str, bases, adapters, tmp: Path) -> tuple[Path, Path, str]:
         (broken / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": "pissa"}))
         return base, broken, "init_lora_weights=pissa"
     if kind == "nan":
-        broken = tmp / "adapter-nan"
-        shutil.copytree(adapter, broken)
-        tensors = load_file(str(broken / "adapter_model.safetensors"))
-        key = next(k for k in tensors if k.endswith("lora_B.weight"))
-        tensors[key][0, 0] = float("nan")
-        save_file(tensors, str(broken / "adapter_model.safetensors"))
+        broken, key = _edit_adapter(adapter, tmp / "adapter-nan", "lora_B.weight",
+                                    _one_nan)
         return base, broken, key.removeprefix("base_model.model.").replace("lora_B.", "")
     raise ValueError(kind)
+
+
+def _one_nan(t):
+    t[0, 0] = float("nan")
+    return t
+
+
+def _edit_adapter(adapter, out, suffix: str, edit):
+    """A copy of ``adapter`` whose first tensor ending in ``suffix`` is replaced by ``edit(tensor)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith(suffix))
+    tensors[key] = edit(tensors[key])
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out, key
 
 
 @pytest.mark.parametrize("kind", ["no-safetensors", "missing-shard", "truncated", "shape", "tied",

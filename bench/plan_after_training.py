@@ -33,7 +33,6 @@ forwards stay short; the check's peak is the models it loads, not the forwards.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
@@ -44,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock  # patch.dict: env set for a block, put back after
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -268,21 +268,6 @@ def build_adapter(model_name: str, model_dir: Path, targets: str) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _env(env: dict):
-    """``env`` set in this process for the block (the planner and the compute-dtype probe read it)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def make_project(case: str, model_dir: Path, adapter: Path, method: str, targets: str, extra: dict, env: dict) -> Path:
     """A project as the train stage leaves it: params.yaml, a test split, outputs/adapter, the train run."""
     from loraflow.core.atomic import write_json
@@ -310,7 +295,7 @@ def make_project(case: str, model_dir: Path, adapter: Path, method: str, targets
             text = " ".join(words[(i + j) % len(words)] for j in range(4 * cfg.data.max_length))
             fh.write(json.dumps({"id": str(i), "prompt": f"Repeat {i}:", "completion": text}) + "\n")
     shutil.copytree(adapter, paths.adapter, ignore=shutil.ignore_patterns("targets.json"))
-    with _env(env):  # what the train stage would have resolved in the stages' environment
+    with mock.patch.dict(os.environ, env):  # what the train stage would have resolved in the stages' environment
         cdtype = loading.compute_dtype(cfg)
     write_json(paths.adapter / loading.ADAPTER_META, {
         "method": method, "base_model": cfg.model.base, "revision": None,
@@ -372,7 +357,7 @@ def plan_for(root: Path, env: dict) -> dict:
     from loraflow.core.config import load_config
     from loraflow.core.paths import Paths
 
-    with _env(env):
+    with mock.patch.dict(os.environ, env):
         cfg = load_config(root / "params.yaml", [])
         p = planner.plan(cfg, Paths.at(root), with_lints=False)
         out = p.to_dict()["after_training"]
@@ -491,10 +476,9 @@ def main() -> int:
     results["table"] = rows
     print(show(rows, results))
     out = ROOT / "bench" / "results" / f"plan_after_training-{results['date']}-cpu{'-' + args.tag if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    tmp_out.replace(out)
+    from loraflow.core.atomic import write_json
+
+    write_json(out, results)
     print(f"\nwrote {out.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -52,6 +51,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from loraflow.core.atomic import write_json
     from loraflow.train import sft
 
     datasets.disable_progress_bars()
@@ -78,7 +78,7 @@ def main() -> int:
         "speedup": round(trl_s / ours_s, 2), "identical": same,
     }
     out = ROOT / "bench" / "results" / f"train_tokenize-{result['date']}-cpu-{args.records}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"TRL per row: {result['trl_rows_per_s']:,} rows/s ({trl_s:.1f} s)   sft.tokenize: "
           f"{result['loraflow_rows_per_s']:,} rows/s ({ours_s:.1f} s)   x{result['speedup']}   identical: {same}")
     print(f"wrote {out.relative_to(ROOT)}")

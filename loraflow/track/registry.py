@@ -133,8 +133,11 @@ def gate_lock(cl: Any, name: str, timeout: float = 120.0) -> Iterator[None]:
             retry(lambda: cl.create_registered_model(lock, description=f"held by the loraflow gate of {name}"))
             break
         except MlflowException as e:
-            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            released = _released_meanwhile(e)  # the holder let go between our insert and MLflow's read-back
+            if not released and "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
                 raise
+            if released and time.monotonic() <= deadline:
+                continue  # free now: try again at once
         held = _lock_age(cl, lock)
         if held is not None and held > LOCK_STALE_S:
             print(f"loraflow: breaking a stale gate lock {lock} ({held:.0f} s old)", file=sys.stderr)
@@ -151,6 +154,13 @@ def gate_lock(cl: Any, name: str, timeout: float = 120.0) -> Iterator[None]:
         yield
     finally:
         _delete_lock(cl, lock)
+
+
+def _released_meanwhile(e: Exception) -> bool:
+    """MLflow's SQL store answers a name clash by reading the existing model back (to say whether it is a
+    prompt); if its holder deleted it in between, create_registered_model says "not found" instead of
+    "already exists" (mlflow 3, sqlalchemy_store.create_registered_model). Seen in test_register's race."""
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower()
 
 
 def _lock_age(cl: Any, lock: str) -> float | None:

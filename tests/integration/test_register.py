@@ -306,3 +306,28 @@ def test_retry_backs_off_on_a_locked_store_and_raises_anything_else_at_once():
     assert len(calls) == 1
     with pytest.raises(MlflowException, match="locked"):
         registry.retry(lambda: (_ for _ in ()).throw(MlflowException("database is locked")), attempts=2, delay=0.001)
+
+
+def test_gate_lock_released_between_insert_and_read_back_is_taken_not_an_error(tmp_path, monkeypatch):
+    """MLflow's SQL store answers a name clash by reading the existing model back; when the other pipeline
+    deletes its lock in that instant, create says "not found". The gate must take the now-free lock (this
+    interleaving failed test_two_pipelines_... once in CI). Real sqlite store; the interleaving is forced."""
+    from mlflow import MlflowClient
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lock = "m" + registry.LOCK_SUFFIX
+    cl.create_registered_model(lock)  # held by "the other pipeline"
+    read_back = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def other_pipeline_releases_first(self, name):
+        if name == lock and not released:
+            released.append(name)
+            cl.delete_registered_model(lock)
+        return read_back(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", other_pipeline_releases_first)
+    with registry.gate_lock(cl, "m", timeout=10):
+        assert released and cl.get_registered_model(lock).name == lock  # ours now
+    assert not cl.search_registered_models(filter_string=f"name = '{lock}'")

@@ -12,7 +12,7 @@ runs peft's ``prepare_model_for_kbit_training``, as the train stage does. Each m
 model, ``--warmup`` steps, then ``--steps`` timed steps of ``--batch`` sequences of ``--seq``
 tokens (random ids, every token supervised), AdamW on the adapters, bf16 autocast, no gradient
 checkpointing. Batches 4 and then 1 by default: at 4 x 1024 both methods carry ~17 GiB of
-activations and the planner expects QLoRA at 0.72x LoRA's memory, at 1 x 1024 at 0.51x; one
+activations and the planner expects QLoRA at 0.73x LoRA's memory, at 1 x 1024 at 0.52x; one
 GPU session measures both.
 
 MFU = tokens/s x ``flops_per_token`` (loraflow/planner/estimates.py: 4·N_mm + 6·P_a for LoRA and

@@ -115,7 +115,6 @@ def child(model_dir: str, method: str, batch: int, seq: int, steps: int, threads
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from loraflow.core.config import Config
     from loraflow.core.paths import Paths
     from loraflow.model import loading
     from loraflow.model.targets import resolve_targets
@@ -242,23 +241,27 @@ def estimate(model_dir: str, method: str, batch: int, seq: int) -> dict:
     from transformers import AutoConfig
 
     from loraflow.model.loading import cpu_has_native_bf16
+    from loraflow.planner import after_training as at
     from loraflow.planner import estimates as est
     from loraflow.planner import memory_estimates, model_shape, resolve_targets
 
     cfg = _config(model_dir, method)
-    shape = model_shape(AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    shape = model_shape(config)
     _, adapted = resolve_targets(shape, cfg.lora.target_modules)
     trainable = est.lora_params(adapted, cfg.lora.r)
     wbytes = est.compute_bytes(cfg.quantization.compute_dtype, cpu_has_native_bf16())
+    tensors, dtypes = at.Tensors.of(shape), at.dtypes(config, cfg, wbytes)
     memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, False, wbytes, "cpu")[method]
-    mapped = est.mapped_checkpoint_bytes(shape, method, "cpu")
+    qlora = method == "qlora"
+    mapped = dtypes.stored * tensors.quantized_numel if qlora else 0.0
+    load = at.train_load_peak(shape, tensors, dtypes, cfg.quantization.double_quant, "cpu") if qlora else 0.0
     live = memory.total - memory.allocator - memory.runtime
     return {"params": shape.params_total, "adapter_params": trainable, "weight_bytes": wbytes,
             "live": live, "allocator": memory.allocator, "runtime": memory.runtime, "estimate": memory.total,
-            "activations": memory.activations, "breakdown": memory.gib(), "mapped": mapped,
-            "load_peak": est.load_peak_bytes(memory, mapped),
+            "activations": memory.activations, "breakdown": memory.gib(), "mapped": mapped, "load_peak": load,
             # what RSS should peak at: the training step, or the load when that is higher
-            "rss_estimate": max(memory.total, est.load_peak_bytes(memory, mapped))}
+            "rss_estimate": max(memory.total, load)}
 
 
 def run_case(model_dir: Path, method: str, allocator: str, args) -> dict:

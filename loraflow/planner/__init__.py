@@ -70,7 +70,10 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
     device = detect_device(gpu_memory)
     t = cfg.train
     seq, batch, ckpt = cfg.data.max_length, t.batch_size, t.gradient_checkpointing
-    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt, _weight_bytes(cfg, device), device.kind)
+    w = _weight_bytes(cfg, device)
+    tensors, dtypes = at.Tensors.of(shape), at.dtypes(config, cfg, w)
+    unread = _unread_embedding(tensors, dtypes, device)
+    memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, ckpt, w, device.kind, unread)
     method, reason, hint = _choose_method(cfg, shape, adapted, trainable, device, memory)
     data = data_size(cfg, paths)
     steps, tokens = est.steps_and_tokens(
@@ -111,9 +114,9 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         batch_size=batch,
         gradient_checkpointing=ckpt,
         assumptions=_assumptions(cfg, device, data, shape),
-        mapped_bytes=est.mapped_checkpoint_bytes(
-            shape, method, device.kind, at.dtype_bytes(at.config_dtype(config))  # bytes per weight on disk
-        ),
+        # a CPU 4-bit load reads every linear it quantizes through the checkpoint's mapping
+        mapped_bytes=dtypes.stored * tensors.quantized_numel if device.kind == "cpu" and method == "qlora" else 0.0,
+        qlora_load_peak=at.train_load_peak(shape, tensors, dtypes, cfg.quantization.double_quant, device.kind),
         after_training=after,
         merge_logit_check=logit_check,
     )
@@ -133,30 +136,40 @@ def resolve_method(cfg: Config, paths: Paths) -> tuple[str, str]:
 
 def memory_estimates(
     shape: ModelShape, cfg: Config, adapted: list[Linear], trainable: int, seq: int, batch: int, checkpointing: bool,
-    weight_bytes: int = 2, device_kind: str = "gpu",
+    weight_bytes: int = 2, device_kind: str = "gpu", unread_embedding: float = 0.0,
 ) -> dict[str, Memory]:
     """Peak memory of full fine-tuning, LoRA and QLoRA at this batch, length and checkpointing.
 
     ``weight_bytes``: 2 for 16-bit compute, 4 for fp32 (``est.compute_bytes``).
     ``device_kind`` ``cpu`` adds what a CPU run holds besides its live tensors: glibc malloc's
     retention (``est.cpu_allocator_bytes``) and the runtime's first-step memory; a GPU's CUDA
-    context and caching-allocator slack are left to the headroom.
+    context and caching-allocator slack are left to the headroom. ``unread_embedding``: LoRA's
+    embedding bytes a CPU never reads (``est.lora_memory``).
     """
     w = weight_bytes
-    full_act = est.activation_bytes(shape, seq, batch, checkpointing, weight_bytes=w)
+    full_act = est.activation_bytes(shape, seq, batch, checkpointing, weight_bytes=w, device_kind=device_kind)
     lora_act = est.activation_bytes(
         shape, seq, batch, checkpointing, adapted, cfg.lora.r, dropout=cfg.lora.dropout > 0, weight_bytes=w,
-        frozen=True,
+        frozen=True, device_kind=device_kind,
     )
+    # the head as each method trains with it: in the compute dtype, or fp32 after peft's kbit preparation
+    head = {m: est.fused_head_weight_bytes(shape, w, est.QLORA_UNQUANTIZED_BYTES if m == "qlora" else w, device_kind)
+            for m in METHODS}
     memory = {
-        "full": est.full_memory(shape, full_act, w, accumulate=cfg.train.grad_accum > 1),
-        "lora": est.lora_memory(shape, trainable, lora_act, w),
-        "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant, w),
+        "full": est.full_memory(shape, full_act, w, accumulate=cfg.train.grad_accum > 1, head_workspace=head["full"]),
+        "lora": est.lora_memory(shape, trainable, lora_act, w, head_workspace=head["lora"], unread=unread_embedding),
+        "qlora": est.qlora_memory(shape, trainable, lora_act, cfg.quantization.double_quant, w, head["qlora"]),
     }
     if device_kind == "cpu":
         memory = {m: replace(x, allocator=est.cpu_allocator_bytes(m, x.activations), runtime=est.CPU_RUNTIME_BYTES)
                   for m, x in memory.items()}
     return memory
+
+
+def _unread_embedding(t: at.Tensors, d: at.Dtypes, device: Device) -> float:
+    """LoRA on a CPU from a checkpoint in the compute dtype: the untied input embedding stays a mapping
+    read row by row (as ``after_training.evaluate_peak`` counts it), so its bytes never become resident."""
+    return float(d.compute * t.embedding) if device.kind == "cpu" and d.stored == d.compute and t.head_untied else 0.0
 
 
 def _weight_bytes(cfg: Config, device: Device) -> int:
@@ -270,15 +283,19 @@ def _assumptions(cfg: Config, device: Device, data: DataSize, shape: ModelShape)
         f"full = {w + 8}·P + max({w}·P gradients, activations) ({width} weights and gradients, fp32 Adam "
         "moments; backward frees activations as it makes gradients); "
         f"LoRA = {w}·P + 16·P_adapter ({width} frozen base, fp32 adapters with gradients and Adam); "
-        f"QLoRA = {bits:.3f}/8·P_linear + 4·P_rest + 16·P_adapter + one dequantized linear; "
+        f"QLoRA = {bits:.3f}/8·P_linear + 4·P_rest + 16·P_adapter + one dequantized linear or the LM head's "
+        "slice, whichever is larger; "
         f"each + activations (Korthikanti et al. 2022 per layer, less what a frozen base need not keep, "
         f"{shape.attention} attention"
-        f"{': no s×s scores stored' if shape.attention != 'eager' else ''}, + fp32 logits)"
+        f"{': no s×s scores stored' if shape.attention != 'eager' else ''}, + the logits tile of TRL's fused LM "
+        f"head: ≤ {est.TRL_TOKEN_CHUNK:,} tokens × {est.TRL_VOCAB_CHUNK:,} vocabulary rows); QLoRA before its "
+        "first step: the 4-bit load or peft's fp32 upcast of the unquantized weights, whichever is higher"
         + ("; on a CPU: + glibc malloc's retention (freed blocks kept in its heap: "
            + ", ".join(f"{m} {k:g}×" for m, k in est.CPU_ALLOCATOR_RETENTION.items())
-           + f" the activations, measured) + {est.CPU_RUNTIME_BYTES / 2**20:.0f} MiB runtime; an fp32 base is the "
-           "memory-mapped checkpoint itself (file-backed RSS); a 4-bit load reads the whole checkpoint through "
-           "its mapping and drops it once quantized (see bench/plan_memory.py)" if device.kind == "cpu" else ""),
+           + f" the activations, measured) + {est.CPU_RUNTIME_BYTES / 2**20:.0f} MiB runtime; a 16-bit or fp32 base in "
+           "the compute dtype is the memory-mapped checkpoint itself (file-backed RSS; its embedding read row by "
+           "row); a 4-bit load reads every linear it quantizes through that mapping and drops it once loaded "
+           "(bench/plan_memory.py, bench/scale_rehearsal.py)" if device.kind == "cpu" else ""),
         f"activations at batch {cfg.train.batch_size} × {cfg.data.max_length} tokens (data.max_length, fully padded), "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}; "
         f"fits = at most {HEADROOM:.0%} of the device memory",

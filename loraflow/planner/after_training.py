@@ -284,6 +284,34 @@ def qlora_load_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: bool
     return d.stored * shape.params_total + nf4 + d.loaded_4bit * rest
 
 
+def qlora_prepare_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: bool, device_kind: str) -> float:
+    """Peak while peft's ``prepare_model_for_kbit_training`` readies a 4-bit model for training (the train stage).
+
+    It upcasts every unquantized weight (embedding, head, norms) to fp32 one at a time: NF4·P_q +
+    4·(P − P_q), with the largest of them still in the load's dtype beside its fp32 copy
+    (+ lb·max rest tensor; for the embedding, its privately mapped pages, read to convert it). An fp32
+    load converts nothing; on a CPU its embedding then stays a mapping read row by row, as in evaluate.
+    Measured at 7B widths (``bench/scale_rehearsal.py`` with a phase probe, 1 layer): 1.39 GiB for
+    Llama-2's vocabulary (this: 1.32), 5.07 for Llama-3's 128,256 (this: 5.00).
+    """
+    nf4 = NF4_BITS[double_quant] / 8 * t.quantized_numel
+    rest = shape.params_total - t.quantized_numel
+    if d.loaded_4bit == 4:
+        return qlora_weights(shape, t, d, double_quant, device_kind)
+    largest = t.largest(n for n in t.numel if n not in t.quantized)
+    return nf4 + 4 * rest + d.loaded_4bit * largest
+
+
+def train_load_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: bool, device_kind: str) -> float:
+    """QLoRA's train stage before its first step: the 4-bit load (a CPU's, through the checkpoint's
+    mapping: ``qlora_load_peak``; a GPU's reads it in host memory) or its preparation, whichever is higher;
+    plus the CPU runtime, as the step's estimate counts it."""
+    prepare = qlora_prepare_peak(shape, t, d, double_quant, device_kind)
+    if device_kind != "cpu":
+        return prepare
+    return CPU_RUNTIME_BYTES + max(qlora_load_peak(shape, t, d, double_quant), prepare)
+
+
 def loss_batch_bytes(shape: ModelShape, batch: int, seq: int, w: int) -> float:
     """One loss batch under no_grad: the logits (w), the scored rows upcast to fp32 and their log-softmax
     (8), the widest layer's transients (the hidden state twice, the MLP's three i-wide tensors)."""

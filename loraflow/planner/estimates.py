@@ -12,8 +12,9 @@ figures are estimates of the peak of live tensors, in bytes; on a GPU the CUDA c
 caching allocator's slack are not counted, which is what the 15% headroom is for. On a CPU two
 measured terms are added (``cpu_allocator_bytes``, ``CPU_RUNTIME_BYTES``): there glibc's malloc
 holds far more than the live tensors. Validated on a CPU against measured peak RSS by
-``bench/plan_memory.py`` and ``bench/memory_methods.py`` (README, "Plan before you run" and
-"Performance"); not yet on a GPU.
+``bench/plan_memory.py`` and ``bench/memory_methods.py`` up to 200M parameters, and at 7B layer
+widths by ``bench/scale_rehearsal.py`` (README, "Plan before you run", "Performance" and "Scale
+rehearsal"); not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ GPU_MFU = 0.40
 # measured on the project's 2-core machines (a 5M-parameter Llama at ~3k tokens/s ≈ 0.1 TFLOP/s).
 CPU_TFLOPS_PER_CORE = 0.05
 
+# TRL's SFTTrainer (1.16) computes the loss through a fused LM head (``trl.trainer.utils.add_fused_lm_head``,
+# ``trl/kernels/chunked_logprob.py``): no (tokens x vocabulary) logits, but tiles of at most this many tokens
+# by this many vocabulary rows, each projected through that slice of the head (cast to the compute dtype)
+# and recomputed in backward, whose gradients accumulate in fp32.
+TRL_TOKEN_CHUNK = 4096
+TRL_VOCAB_CHUNK = 32768
+
 
 def activation_bytes(
     shape: ModelShape,
@@ -84,6 +92,7 @@ def activation_bytes(
     weight_bytes: int = 2,
     scores: bool | None = None,
     frozen: bool = False,
+    device_kind: str = "gpu",
 ) -> float:
     """Activations kept for the backward pass, at the peak, in bytes, for w-byte compute.
 
@@ -117,7 +126,9 @@ def activation_bytes(
         checkpointing:     w·s·b·h·L + layer + scores + adapter   (each layer's input is kept;
                            one layer's activations are rebuilt at a time in backward)
 
-    plus the fp32 logits of the loss, ``4·s·b·V`` (Korthikanti et al. §4.3).
+    plus the loss's logits: not the (s·b × V) fp32 tensor of a model's own loss (Korthikanti et al.
+    §4.3) but TRL's fused LM head's tile (``fused_head_tile_bytes``), the same 4·s·b·V in fp32 while
+    s·b ≤ 4,096 and V ≤ 32,768.
     """
     s, b, h, i, w = seq, batch, shape.hidden, shape.intermediate, weight_bytes
     if scores is None:
@@ -133,7 +144,31 @@ def activation_bytes(
         kept = w * s * b * h * shape.layers + layer + adapter
     else:
         kept = shape.layers * (layer + adapter)
-    return kept + 4 * s * b * shape.vocab
+    return kept + fused_head_tile_bytes(shape, s * b, w, device_kind)
+
+
+def fused_head_tile_bytes(shape: ModelShape, tokens: int, weight_bytes: int, device_kind: str) -> float:
+    """TRL's fused LM head's logits tile: ``n·c·w`` (n = min(tokens, 4096), c = min(V, 32768)), and on a
+    CPU in 16-bit its fp32 copy, ``4·n·c``: without Triton the tile is folded, and its gradient
+    accumulated, in torch on an fp32 copy (``_forward_tile``, ``_addmm_fp32``)."""
+    n, c, w = min(tokens, TRL_TOKEN_CHUNK), min(shape.vocab, TRL_VOCAB_CHUNK), weight_bytes
+    return n * c * w + (4 * n * c if device_kind == "cpu" and w != 4 else 0)
+
+
+def fused_head_weight_bytes(shape: ModelShape, weight_bytes: int, head_bytes: int, device_kind: str) -> float:
+    """The head's slice TRL's fused LM head projects through, at its peak (the backward of the loss).
+
+    ``c·h·w`` when the head is stored in another dtype than the compute one (QLoRA: peft's
+    ``prepare_model_for_kbit_training`` keeps the head in fp32 while training computes in bf16), plus,
+    on a CPU in 16-bit, that slice upcast to fp32, ``4·c·h``, for the fp32 gradient GEMM (on CUDA
+    ``torch.addmm(out_dtype=float32)`` takes the 16-bit slice). Llama-2-7B, QLoRA, bf16 on a CPU:
+    32,000 × 4,096 × 6 = 750 MiB, whatever the depth; measured at 7B widths (``bench/scale_rehearsal.py``,
+    1 to 4 layers, Llama-2 and Llama-3 vocabularies): a step's peak is 0.70-0.74 GiB above the memory
+    before it. Not counted besides QLoRA's dequantized linear: they are not alive at once.
+    """
+    c, h, w = min(shape.vocab, TRL_VOCAB_CHUNK), shape.hidden, weight_bytes
+    cast = c * h * w if head_bytes != w else 0
+    return cast + (4 * c * h if device_kind == "cpu" and w != 4 else 0)
 
 
 def lora_params(adapted: list[Linear], rank: int) -> int:
@@ -155,7 +190,9 @@ def trainable_biases(shape: ModelShape, adapted: list[Linear], bias: str) -> int
     return sum(x.out_features for x in pool if x.has_bias)
 
 
-def full_memory(shape: ModelShape, activations: float, weight_bytes: int = 2, accumulate: bool = False) -> Memory:
+def full_memory(
+    shape: ModelShape, activations: float, weight_bytes: int = 2, accumulate: bool = False, head_workspace: float = 0.0
+) -> Memory:
     """Full fine-tuning with Adam: ``w·P + 8·P + max(w·P, activations)``; states 12·P in 16-bit, 16·P in fp32.
 
     Weights w·P, gradients w·P (w = 2 for 16-bit, 4 for fp32 on a CPU), Adam's fp32 moments 8·P.
@@ -165,39 +202,52 @@ def full_memory(shape: ModelShape, activations: float, weight_bytes: int = 2, ac
     (``freed = min(gradients, activations)``). With gradient accumulation (``accumulate``) the
     gradients outlive the micro-batch and both count. Measured on a 97M Llama, fp32: 1,549 MiB
     with every freed block returned (MALLOC_MMAP_THRESHOLD_), against 16·P + activations = 1,853.
+    ``head_workspace``: the fused LM head's slices (``fused_head_weight_bytes``), and in 16-bit the
+    head's gradient, which it accumulates in fp32 (4·V·h) before casting it.
     """
     p = shape.params_total
     grads = weight_bytes * p
+    head_grad = 4 * shape.vocab * shape.hidden if weight_bytes != 4 else 0
     return Memory(weights=weight_bytes * p, trainable_state=grads + 8 * p, activations=activations,
-                  freed=0.0 if accumulate else min(grads, activations))
+                  workspace=head_workspace + head_grad, freed=0.0 if accumulate else min(grads, activations))
 
 
-def lora_memory(shape: ModelShape, trainable: int, activations: float, weight_bytes: int = 2) -> Memory:
-    """LoRA: ``w·P + 16·P_a + activations``; the frozen base in 16-bit (w = 2) or fp32 (w = 4).
+def lora_memory(
+    shape: ModelShape, trainable: int, activations: float, weight_bytes: int = 2, head_workspace: float = 0.0,
+    unread: float = 0.0,
+) -> Memory:
+    """LoRA: ``w·P − unread + 16·P_a + activations + head workspace``; the frozen base in 16-bit (w = 2) or fp32 (w = 4).
 
     The frozen base has no gradients and no optimizer state; each adapter parameter costs 16
-    bytes (fp32 weight, gradient and two Adam moments).
+    bytes (fp32 weight, gradient and two Adam moments). ``unread``: on a CPU, where the checkpoint is
+    stored in the compute dtype, the base *is* its memory mapping and an untied input embedding is
+    read row by row (the rows a batch looks up): ``w·V·h`` never becomes resident (as evaluate's
+    ``after_training.evaluate_peak``). ``head_workspace``: ``fused_head_weight_bytes``.
     """
     return Memory(
-        weights=weight_bytes * shape.params_total,
+        weights=weight_bytes * shape.params_total - unread,
         trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
         activations=activations,
+        workspace=head_workspace,
     )
 
 
 def qlora_memory(
-    shape: ModelShape, trainable: int, activations: float, double_quant: bool = True, weight_bytes: int = 2
+    shape: ModelShape, trainable: int, activations: float, double_quant: bool = True, weight_bytes: int = 2,
+    head_workspace: float = 0.0,
 ) -> Memory:
-    """QLoRA: ``4.127/8·P_q + 4·(P − P_q) + 16·P_a + activations + w·max(in·out)``.
+    """QLoRA: ``4.127/8·P_q + 4·(P − P_q) + 16·P_a + activations + max(w·max(in·out), head workspace)``.
 
     The linear weights in NF4 (4.127 bits each with double quantization, 4.5 without); the rest
     (embeddings, LM head, norms, biases) in fp32, as prepare_model_for_kbit_training leaves
-    them; the adapters as in LoRA; and one linear's weight dequantized to the compute dtype
-    (w bytes) at a time.
+    them; the adapters as in LoRA; and the larger of one linear's weight dequantized to the compute
+    dtype (w bytes; one at a time) and the fused LM head's slices (``fused_head_weight_bytes``: the
+    head's backward runs before any layer's, so the two are never alive together).
     """
     pq = shape.params_quantized
     weights = NF4_BITS[double_quant] / 8 * pq + QLORA_UNQUANTIZED_BYTES * (shape.params_total - pq)
-    workspace = weight_bytes * max((x.weight_numel for x in shape.linears), default=0)
+    dequantized = weight_bytes * max((x.weight_numel for x in shape.linears), default=0)
+    workspace = max(dequantized, head_workspace)
     return Memory(
         weights=weights,
         trainable_state=ADAPTER_BYTES_PER_PARAM * trainable,
@@ -253,30 +303,6 @@ def compute_bytes(compute_dtype: str, native_bf16: bool) -> int:
     if compute_dtype == "auto":
         return 2 if native_bf16 else 4
     return 4 if compute_dtype == "float32" else 2
-
-
-def mapped_checkpoint_bytes(shape: ModelShape, method: str, device_kind: str, checkpoint_bytes: int = 4) -> float:
-    """File-backed memory a CPU QLoRA *load* holds: the checkpoint it reads to quantize (docs/traps.md §5).
-
-    On a CPU transformers loads safetensors through mmap: a 4-bit load reads every weight through
-    that mapping, so while it loads the file's pages (``checkpoint_bytes·P``; fp32: 4) are in the
-    process's RSS besides the NF4 copies being made. ``quant.release_checkpoint_mapping`` then
-    copies the few tensors that still view the file (head, norms; the input embedding gets a mapping
-    of its own bytes, read row by row as in LoRA) and the mapping goes: training holds no more of it
-    (before that release the linear weights, 4·P_q, stayed resident for
-    the whole run). So this counts toward the load's peak only, ``checkpoint_bytes·P`` + the QLoRA
-    weights (``load_peak_bytes``), which is below the training peak unless activations are small.
-    For LoRA the mapping is the frozen base itself (in ``Memory.total``); full fine-tuning copies
-    each page on its first write; on a GPU the weights leave host memory. 0 for those.
-    """
-    if device_kind != "cpu" or method != "qlora":
-        return 0.0
-    return float(checkpoint_bytes * shape.params_total)
-
-
-def load_peak_bytes(memory: Memory, mapped: float) -> float:
-    """Peak while a CPU QLoRA base loads: the mapped checkpoint and the weights made from it."""
-    return mapped + memory.weights if mapped else 0.0
 
 
 def flops_per_token(shape: ModelShape, method: str, trainable: int, checkpointing: bool) -> float:

@@ -45,9 +45,12 @@ def render(plan: Plan, cfg: Config, console=None) -> None:
     if cpu.allocator or cpu.runtime:
         console.print(f"[dim]{plan.method} on a CPU: the total includes {_size(cpu.allocator)} that glibc's malloc keeps "
                       f"in its heap and {_size(cpu.runtime)} of runtime (measured: bench/plan_memory.py)[/dim]")
-    if plan.mapped_bytes:
-        console.print(f"[dim]{plan.method}: while loading, + {_size(plan.mapped_bytes)} file-backed: the checkpoint "
-                      "is read through its memory mapping to quantize it, and dropped once loaded[/dim]")
+    if plan.method == "qlora" and plan.qlora_load_peak:
+        mapped = (f", {_size(plan.mapped_bytes)} of it file-backed (the checkpoint read through its memory mapping "
+                  "to quantize it, dropped once loaded)") if plan.mapped_bytes else ""
+        higher = " [bold]higher than training's[/bold]" if plan.qlora_load_peak > plan.memory["qlora"].total else ""
+        console.print(f"[dim]qlora: before the first step, loading the 4-bit base and upcasting the rest to fp32 "
+                      f"peaks at {_size(plan.qlora_load_peak)}{higher}{mapped}[/dim]")
 
     if plan.after_training:
         _after_training(console, plan, cfg)

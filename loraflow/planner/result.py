@@ -127,7 +127,8 @@ class Plan:
     gradient_checkpointing: bool
     lints: list[Lint] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
-    mapped_bytes: float = 0.0  # CPU QLoRA: the checkpoint mapped while loading (file-backed; dropped after the load)
+    mapped_bytes: float = 0.0  # CPU QLoRA: the checkpoint's pages a 4-bit load reads (file-backed; dropped after it)
+    qlora_load_peak: float = 0.0  # QLoRA's train stage before its first step: load and kbit preparation (after_training.train_load_peak)
     after_training: dict[str, StageCosts] = field(default_factory=dict)  # lora | qlora: evaluate, merge, register
     merge_logit_check: bool = False  # merge would compare logits (merge.logit_check; auto: the fp32 model fits)
 
@@ -156,7 +157,7 @@ class Plan:
             "estimates_gib": self.estimates_gib,
             "breakdown_gib": {m: self.memory[m].gib() for m in METHODS},
             "mapped_checkpoint_gib": round(self.mapped_bytes / GIB, 3),
-            "load_peak_gib": round((self.mapped_bytes + self.memory[self.method].weights if self.mapped_bytes else 0) / GIB, 3),
+            "load_peak_gib": round((self.qlora_load_peak if self.method == "qlora" else 0.0) / GIB, 3),
             "fits": {m: self.fits(m, HEADROOM) for m in METHODS},
             "headroom": HEADROOM,
             "batch_size": self.batch_size,

@@ -31,7 +31,7 @@ def _gpu_bench():
 
 
 # Llama-2-7B, 1024 tokens, bf16, no gradient checkpointing, r=16 on q_proj/v_proj: (LoRA, QLoRA) peak GiB.
-KNOWN_PEAK_GIB = {1: (17.07, 8.69), 4: (30.23, 21.86)}
+KNOWN_PEAK_GIB = {1: (17.0, 8.79), 4: (29.99, 21.77)}
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -46,12 +46,15 @@ def test_prediction_is_what_loraflow_plan_says_for_the_same_run(tmp_path, monkey
     p = planner.plan(cfg, Paths.at(tmp_path / "project"), gpu_memory=141, with_lints=False)
 
     lora, qlora = (gb.predict(m, gb.LLAMA2_7B, 1024, batch, "NVIDIA H200") for m in ("lora", "qlora"))
-    # Known values (the script's docstring: QLoRA at 0.51x LoRA's memory at 1 x 1024, 0.72x at 4 x 1024):
+    # Known values (the script's docstring: QLoRA at 0.52x LoRA's memory at 1 x 1024, 0.73x at 4 x 1024):
     # 6.74B parameters in bf16 are 12.55 GiB before any activation; the two methods differ in the
-    # weights only, so by the same amount at every batch size.
+    # weights (8.38 GiB) and in QLoRA's fp32 head, of which TRL's fused LM head casts a 32,000 x 4,096 slice
+    # to bf16 (0.24 GiB, where LoRA's 16-bit head needs no cast; it outweighs the 84 MiB dequantized linear,
+    # which is not alive at the same time), so by the same amount at every batch size.
     assert (lora["peak_gib"], qlora["peak_gib"]) == KNOWN_PEAK_GIB[batch]
-    assert round(qlora["peak_gib"] / lora["peak_gib"], 2) == {1: 0.51, 4: 0.72}[batch]
-    assert lora["peak_gib"] > 12.55 and lora["peak_gib"] - qlora["peak_gib"] == pytest.approx(8.38, abs=0.02)
+    assert round(qlora["peak_gib"] / lora["peak_gib"], 2) == {1: 0.52, 4: 0.73}[batch]
+    assert lora["peak_gib"] > 12.55
+    assert lora["peak_gib"] - qlora["peak_gib"] == pytest.approx(8.38 - 32000 * 4096 * 2 / 2**30 + 84 / 1024, abs=0.02)
     # and it is what `loraflow plan` says for the same run (the script builds it from the same estimates)
     for method, predicted in (("lora", lora), ("qlora", qlora)):
         assert predicted["peak_gib"] == pytest.approx(p.memory[method].total / 2**30, abs=0.01)

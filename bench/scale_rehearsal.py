@@ -41,6 +41,12 @@ from the forwards (anonymous memory) at 1-2 layers to the 4-bit load with the ch
 (file-backed) by 4, so their lines undershoot at 32. The table's last column bounds that: the lines
 of the anonymous and of the file-backed peaks at 32 layers, added (peak(a + f) <= peak(a) + peak(f)).
 
+On a GPU machine (``bench/gpu.sh --rehearsal``, where ``nvidia-ml-py`` answers) the sampler also reads
+each stage's device memory through NVML, and a process that only starts CUDA gives the context's
+share (``cuda_context_bytes``): train's and evaluate's device peak above it is what the planner's GPU
+estimates are compared with in (d) (merge and register run on the host: RSS as on a CPU). The stages
+then train and evaluate on the GPU, as ``loraflow`` does wherever one is visible. Not yet run on one.
+
 Goals (issue 16, item 7), PASS/FAIL each:
   (a) merge's peak RSS flat in depth: from 1 to 4 layers (the issue says 1 to 3; the depths here are
       1, 2, 4) it grows by less than half of one layer's bf16 weights in total;
@@ -71,6 +77,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# The CLI: the venv's console script, else the module through this interpreter (bench/gpu.sh on the GPU
+# machine runs the image's python3 with loraflow on PYTHONPATH: no venv, no console script).
+LORAFLOW = [str(VENV_BIN / "loraflow")] if (VENV_BIN / "loraflow").exists() else [sys.executable, "-m", "loraflow.cli"]
 RESULTS = ROOT / "bench" / "results"
 
 GIB = 2**30
@@ -406,16 +415,45 @@ def _rss_parts(pids: list[int]) -> tuple[int, int]:
     return best
 
 
+_NVML: list[Any] = []  # [pynvml module, device handles], or [None] where there is no NVIDIA GPU
+
+
+def gpu_memory_by_pid() -> dict[int, int] | None:
+    """Device memory (bytes) held by each process on any NVIDIA GPU, through NVML (``nvidia-ml-py``, which
+    the GPU machine's image has); None without one. NVML counts a process's CUDA context too: the
+    rehearsal subtracts a process that only starts CUDA (``gpu_context_bytes``)."""
+    if not _NVML:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML[:] = [pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]]
+        except Exception:  # no library, no driver, no device: a CPU run
+            _NVML[:] = [None]
+    nvml = _NVML[0]
+    if nvml is None:
+        return None
+    used: dict[int, int] = {}
+    for handle in _NVML[1]:
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory or 0)
+    return used
+
+
+GPU_SAMPLE_EVERY = 5  # NVML every 5th RSS sample (100 ms): a device query costs more than /proc
+
+
 class _Sampler:
     """Every ``SAMPLE_S``: anonymous and file-backed RSS of the command's largest process (not GNU time),
     their peaks, and the file-backed part at the peak of their sum (a memory-mapped checkpoint is
-    file-backed: it tells a 4-bit load's peak from a forward's)."""
+    file-backed: it tells a 4-bit load's peak from a forward's); on a GPU machine, every
+    ``GPU_SAMPLE_EVERY``-th time, the largest device memory of any of its processes (``gpu``)."""
 
     def __init__(self, pid: int) -> None:
         import threading
 
         self.pid, self.stop = pid, threading.Event()
-        self.peak = {"anon": 0, "file": 0, "sum": 0, "file_at_sum": 0, "samples": 0}
+        self.peak = {"anon": 0, "file": 0, "sum": 0, "file_at_sum": 0, "samples": 0, "gpu": None}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -427,6 +465,11 @@ class _Sampler:
             pk["anon"], pk["file"], pk["samples"] = max(pk["anon"], anon), max(pk["file"], file), pk["samples"] + 1
             if anon + file > pk["sum"]:
                 pk["sum"], pk["file_at_sum"] = anon + file, file
+            if pk["samples"] % GPU_SAMPLE_EVERY == 1:
+                used = gpu_memory_by_pid()
+                if used is not None:
+                    here = max((used.get(p, 0) for p in [self.pid, *pids]), default=0)
+                    pk["gpu"] = max(pk["gpu"] or 0, here)
             self.stop.wait(SAMPLE_S)
 
     def done(self) -> dict[str, int]:
@@ -466,7 +509,7 @@ def measured(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = 
     out = {"rc": proc.returncode, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss": peak,
            "peak_source": source, "sampled_peak_anon": sampled["anon"], "sampled_peak_file": sampled["file"],
            "sampled_peak_rss": sampled["sum"], "sampled_file_at_peak": sampled["file_at_sum"],
-           "samples": sampled["samples"], "load_before": [round(x, 2) for x in load_before],
+           "samples": sampled["samples"], "gpu_peak": sampled["gpu"], "load_before": [round(x, 2) for x in load_before],
            "load_after": [round(x, 2) for x in os.getloadavg()]}
     if proc.returncode != 0:
         out["error"] = log.read_text(errors="replace")[-4000:]
@@ -489,9 +532,36 @@ def import_baselines(work: Path, repeats: int = 2) -> dict[str, dict[str, Any]]:
     return out
 
 
+def gpu_context_bytes(work: Path) -> int | None:
+    """Device memory of a process that only starts CUDA (torch's context, cuBLAS not yet loaded); None
+    without a GPU. The planner leaves the context to its headroom, so device peaks are stated above it."""
+    if gpu_memory_by_pid() is None:
+        return None
+    code = "import time, torch\ntorch.zeros(1, device='cuda')\ntime.sleep(1.0)\n"
+    r = measured([sys.executable, "-c", code], work, work / "imports-cuda.log")
+    if r["rc"] != 0 or r["gpu_peak"] is None:
+        return None
+    print(f"CUDA context: {r['gpu_peak'] / GIB:.3f} GiB of device memory", file=sys.stderr, flush=True)
+    return r["gpu_peak"]
+
+
+# Stages whose peak the planner states in device memory when it plans for a GPU (merge and register run on the host).
+GPU_STAGES = ("train", "evaluate")
+
+
+def compared_peak(stage: str, r: dict[str, Any], plan: dict[str, Any] | None) -> tuple[float, str]:
+    """The measured peak (bytes) the planner's estimate for ``stage`` speaks of, and which memory: ``device``
+    above the CUDA context for train and evaluate when the plan is for a GPU, else ``host``, RSS above the
+    stage's imports."""
+    on_gpu = ((plan or {}).get("device") or {}).get("kind") == "gpu"
+    if on_gpu and stage in GPU_STAGES and r.get("gpu_above_context") is not None:
+        return r["gpu_above_context"], "device"
+    return r["peak_above_imports"], "host"
+
+
 def run_plan(project: Path, model_dir: Path) -> dict[str, Any]:
     """``loraflow plan --json`` in ``project`` with ``model.base`` at ``model_dir``: the keys compared here."""
-    cmd = [str(VENV_BIN / "loraflow"), "plan", "--json", "-c", "params.yaml", "-s", f"model.base={model_dir}"]
+    cmd = [*LORAFLOW, "plan", "--json", "-c", "params.yaml", "-s", f"model.base={model_dir}"]
     proc = subprocess.run(cmd, cwd=project, env=child_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-2000:], "command": " ".join(cmd)}
@@ -541,8 +611,10 @@ def registered_artifact(project: Path) -> dict[str, Any]:
             "safetensors_header_bytes": header, "other_bytes": total - payload - header, "files": len(files)}
 
 
-def run_case(work: Path, shape: str, method: str, layers: int, model_dir: Path, args, baselines) -> dict[str, Any]:
-    """The five stages of one project, each a fresh ``loraflow stage`` process."""
+def run_case(work: Path, shape: str, method: str, layers: int, model_dir: Path, args, baselines,
+             context: int | None = None) -> dict[str, Any]:
+    """The five stages of one project, each a fresh ``loraflow stage`` process (``context``: the CUDA
+    context's device memory, on a GPU machine)."""
     name = f"{shape}-{layers}L-{method}"
     project = write_project(work / "runs" / name, model_dir, method, args.records, args.logit_check, name)
     params, layer0 = checkpoint_params(model_dir)
@@ -553,13 +625,16 @@ def run_case(work: Path, shape: str, method: str, layers: int, model_dir: Path, 
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     for stage in STAGES:
-        cmd = [str(VENV_BIN / "loraflow"), "stage", stage, "-c", "params.yaml"]
+        cmd = [*LORAFLOW, "stage", stage, "-c", "params.yaml"]
         r = measured(cmd, project, logs / f"{name}-{stage}.log")
         r["peak_above_imports"] = r["peak_rss"] - baselines[stage]["peak_rss"]
+        if r.get("gpu_peak") is not None and context is not None:
+            r["gpu_above_context"] = r["gpu_peak"] - context
         case["stages"][stage] = r
         status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
+        device = f", device {r['gpu_above_context'] / GIB:.2f} GiB above the CUDA context" if "gpu_above_context" in r else ""
         print(f"{name} {stage}: {status}, {r['seconds']:.1f} s, "
-              f"peak RSS {r['peak_rss'] / GIB:.2f} GiB (+{r['peak_above_imports'] / GIB:.2f} above imports)",
+              f"peak RSS {r['peak_rss'] / GIB:.2f} GiB (+{r['peak_above_imports'] / GIB:.2f} above imports){device}",
               file=sys.stderr, flush=True)
         if r["rc"] != 0:
             print(r["error"][-1500:], file=sys.stderr)
@@ -653,10 +728,11 @@ def summarise(results: dict[str, Any]) -> None:
                 r = c["stages"].get(stage)
                 if r is None or r["rc"] != 0:
                     continue
-                got = goal_planner(r["peak_above_imports"] / GIB, peaks[stage])
+                peak, memory = compared_peak(stage, r, c.get("plan"))
+                got = goal_planner(peak / GIB, peaks[stage])
                 if got["pass"] is not None:
-                    checks[f"{stage} {c['layers']}L"] = {**got, "measured_gib": r["peak_above_imports"] / GIB,
-                                                         "planner_gib": peaks[stage]}
+                    checks[f"{stage} {c['layers']}L"] = {**got, "measured_gib": peak / GIB, "planner_gib": peaks[stage],
+                                                         "memory": memory}
         g["d_planner_within_15pct"] = {"pass": all(x["pass"] for x in checks.values()) if checks else None,
                                        "checks": checks,
                                        "stages_without_estimate": sorted(
@@ -756,8 +832,8 @@ def show(results: dict[str, Any]) -> str:
             lines.append(f"- (c) registered tensors / fp32 size: {per}; limit 0.5: {verdict(c['pass'])}")
         d = g.get("d_planner_within_15pct") or {}
         if d:
-            checks = "; ".join(f"{k} {x['measured_gib']:.2f} vs {x['planner_gib']:.2f} ({x['error']:+.0%})"
-                               for k, x in d["checks"].items())
+            checks = "; ".join(f"{k}{' (device)' if x.get('memory') == 'device' else ''} {x['measured_gib']:.2f} "
+                               f"vs {x['planner_gib']:.2f} ({x['error']:+.0%})" for k, x in d["checks"].items())
             missing = ", ".join(d["stages_without_estimate"])
             lines.append(f"- (d) measured peak vs planner within 15%: {checks or 'no estimates'}"
                          + (f" (no estimate: {missing})" if missing else "") + f": {verdict(d['pass'])}")
@@ -868,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.perf_counter()
     results["import_baselines"] = import_baselines(work, 1 if args.smoke else 2)
+    results["cuda_context_bytes"] = gpu_context_bytes(work)
     for shape in shapes:
         vocab = args.gqa_vocab if shape == "llama3-8b" else None
         tok = tokenizer_dir(work, TOKENIZER_VOCAB.get(shape, DEFAULT_TOKENIZER_VOCAB))
@@ -881,7 +958,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "reused": seconds == 0.0}
             print(f"base {label}: {'reused' if seconds == 0 else f'built in {seconds:.0f} s'}", file=sys.stderr, flush=True)
             for method in methods:
-                case = run_case(work, shape, method, n, model_dir, args, results["import_baselines"])
+                case = run_case(work, shape, method, n, model_dir, args, results["import_baselines"],
+                                results.get("cuda_context_bytes"))
                 results["cases"].append(case)
                 plan_dir = plan_dir or work / "runs" / f"{shape}-{n}L-{method}"
                 _save_partial(results, work)

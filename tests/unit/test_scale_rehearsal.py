@@ -138,3 +138,30 @@ def test_summary_goals_and_tables_with_and_without_the_planners_after_training_k
     assert float(bound) == pytest.approx((0.70 * GIB + 32e6) / GIB, abs=0.006)
     assert "(a) merge peak flat in depth" in table and "PASS" in table
     json.dumps(results)  # the result file is plain JSON
+
+
+def test_on_a_gpu_train_and_evaluate_are_compared_in_device_memory_above_the_cuda_context():
+    """The planner's GPU estimates for train and evaluate are device memory; merge and register stay host RAM."""
+    results = _results(after_training=True)
+    for c in results["cases"]:
+        c["plan"]["device"] = {"kind": "gpu"}
+        for stage, r in c["stages"].items():
+            # the host peak is far off the plan, the device peak above the context on it
+            r["peak_above_imports"] *= 3
+            r["gpu_above_context"] = {"train": 0.5 + 0.1 * c["layers"], "evaluate": 0.6 + 0.1 * c["layers"]}.get(
+                stage, 0.0) * GIB
+        c["stages"]["merge"]["peak_above_imports"] = 0.9 * GIB  # host: on the plan
+        c["stages"]["register"]["peak_above_imports"] = (0.6 + 0.1 * c["layers"]) * GIB
+    sr.summarise(results)
+    d = results["goals"]["llama2-7b/qlora"]["d_planner_within_15pct"]
+    assert {d["checks"][f"{s} 2L"]["memory"] for s in ("train", "evaluate")} == {"device"}
+    assert {d["checks"][f"{s} 2L"]["memory"] for s in ("merge", "register")} == {"host"}
+    assert d["pass"] is True
+    # the same numbers planned for a CPU: train's host peak (3x) is what is compared, and it misses
+    for c in results["cases"]:
+        c["plan"]["device"] = {"kind": "cpu"}
+    sr.summarise(results)
+    d = results["goals"]["llama2-7b/qlora"]["d_planner_within_15pct"]
+    assert d["checks"]["train 2L"]["memory"] == "host" and d["checks"]["train 2L"]["pass"] is False
+    assert "train 2L (device)" not in sr.show(results)
+

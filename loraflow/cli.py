@@ -7,6 +7,7 @@ instant. A user error prints one line on stderr and exits non-zero, without a tr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -101,11 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", default=None)
     promote.add_argument("--alias", default="champion")
     promote.add_argument("--rollback", action="store_true", help="move champion back to its previous version")
+    promote.add_argument("--reason", default="", help="why; recorded on the version with who and when")
+    promote.add_argument("--force", action="store_true",
+                         help="make champion a version that failed the gate (needs --reason)")
     promote.set_defaults(func=cmd_promote)
 
     models = sub.add_parser("models", help="list a registered model's versions with aliases and lineage")
     models.add_argument("name")
     models.add_argument("-c", "--config", default=None, help="params.yaml: its folder's mlflow/ store (default: .)")
+    models.add_argument("--json", action="store_true", help="versions, aliases and the audit trail as JSON")
     models.set_defaults(func=cmd_models)
 
     base = sub.add_parser("build-base", help="build the embedded base model (done on first use anyway)")
@@ -235,7 +240,7 @@ def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from loraflow.track import registry
+    from loraflow.track import promotion, registry
 
     cl, uri = _registry(args, "promote")
     try:
@@ -245,42 +250,66 @@ def cmd_promote(args: argparse.Namespace) -> int:
                             "`mlflow ui` or check the name (register.model_name)") from None
     if args.rollback:
         old, new = registry.rollback(cl, args.name)
+        promotion.record(cl, args.name, promotion.Move(registry.CHAMPION, new, old, promotion.actor(), promotion.now(),
+                                                       args.reason, rollback=True))
         print(f"{args.name}@champion: v{old} -> v{new} (rollback)")
         return 0
     if args.version is None:
         raise LoraflowError("promote: give --version N (or --rollback)")
+    version = str(args.version)
     try:
-        cl.get_model_version(args.name, str(args.version))
+        tags = cl.get_model_version(args.name, version).tags or {}
     except MlflowException:
-        raise LoraflowError(f"promote: {args.name} has no version {args.version}; see `loraflow models {args.name}`") from None
-    old = registry.move_alias(cl, args.name, str(args.version), args.alias)
-    print(f"{args.name}@{args.alias}: v{old or '-'} -> v{args.version}")
+        raise LoraflowError(f"promote: {args.name} has no version {version}; see `loraflow models {args.name}`") from None
+    forced = promotion.check_allowed(args.name, version, tags, args.alias, args.force, args.reason)
+    old = registry.move_alias(cl, args.name, version, args.alias)
+    promotion.record(cl, args.name, promotion.Move(args.alias, version, old, promotion.actor(), promotion.now(),
+                                                   args.reason, forced=forced))
+    print(f"{args.name}@{args.alias}: v{old or '-'} -> v{version}" + (" (over the gate)" if forced else ""))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from loraflow.track import registry
+    from loraflow.track import promotion, registry
 
     cl, uri = _registry(args, "models")
     versions = sorted(cl.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version))
     if not versions:
         raise LoraflowError(f"models: no registered model named {args.name!r} in {uri}; check the name "
                             "(register.model_name) or the store (-c, MLFLOW_TRACKING_URI)")
-    aliases = {a: registry.alias_version(cl, args.name, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
+    model = registry.retry(lambda: cl.get_registered_model(args.name))
+    aliases = {a: str(v) for a, v in sorted((model.aliases or {}).items())}
+    trail = promotion.audit_trail(model.tags or {})
+    held = {str(v.version): sorted(a for a, ver in aliases.items() if ver == str(v.version)) for v in versions}
+    if args.json:
+        print(json.dumps({"name": args.name, "tracking_uri": uri, "aliases": aliases, "audit": trail,
+                          "versions": [{"version": str(v.version), "aliases": held[str(v.version)],
+                                        "run_id": v.run_id, "source": v.source, "tags": dict(v.tags or {})}
+                                       for v in versions]}, indent=2, sort_keys=True))
+        return 0
     table = Table(title=f"{args.name} versions")
     for col in ("version", "aliases", "gate metric", "kind", "rank", "alpha", "method", "dataset digest", "run"):
         table.add_column(col)
     for v in versions:
         t = v.tags or {}
-        tags = ",".join(a for a, ver in aliases.items() if ver == str(v.version))
         metric = t.get("gate_metric", "")
-        table.add_row(str(v.version), tags, f"{metric}={t.get('gate_new_value', '')}" if metric else "",
+        table.add_row(str(v.version), ",".join(held[str(v.version)]),
+                      f"{metric}={t.get('gate_new_value', '')}" if metric else "",
                       t.get("model_kind", "merged"), t.get("lora_r", ""), t.get("lora_alpha", ""), t.get("method", ""),
                       t.get("dataset_digest", "")[:12], (v.run_id or "")[:8])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if trail:
+        console.print("[bold]alias moves[/bold] (latest 10; all in --json)")
+        for m in trail[-10:]:
+            how = " (rollback)" if m.get("rollback") else " (over the gate)" if m.get("forced") else ""
+            why = f": {m['reason']}" if m.get("reason") else ""
+            console.print(escape(f"  {m.get('at', '?')[:19]}  {m.get('alias')} v{m.get('previous') or '-'} -> "
+                                 f"v{m.get('version')}{how} by {m.get('actor')}{why}"))
     return 0
 
 
@@ -316,6 +345,11 @@ def _print_summary(out: dict[str, Any], paths) -> None:
     from loraflow.track.tracking import tracking_uri
 
     uri = tracking_uri(paths)
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        from loraflow.track.tracking import redact
+
+        console.print(f"open the UI:    {redact('tracking_uri', uri)}")
+        return
     if uri.startswith("sqlite:///"):
         uri = "sqlite:///" + rel(uri.removeprefix("sqlite:///"))
     console.print(f"open the UI:    mlflow ui --backend-store-uri {uri}")

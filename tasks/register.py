@@ -25,7 +25,7 @@ from loraflow.core.progress import size_text
 from loraflow.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from loraflow.model import loading
 from loraflow.model.adapters import require_adapter
-from loraflow.track import registry, tracking
+from loraflow.track import promotion, registry, tracking
 from loraflow.track.lineage import lineage, read_report
 from loraflow.track.tracking import NullTracker, Tracker
 
@@ -47,6 +47,7 @@ class RegisterResult:
     model_uri: str
     run_id: str | None
     lineage: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str = ""  # the registry model_uri lives in (a password in it masked)
 
 
 def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), dataset_digest: str | None = None) -> RegisterResult:
@@ -91,6 +92,8 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), dataset_dig
                                          cfg.register.min_delta)
                 if decision.promote:
                     registry.move_alias(cl, name, version, registry.CHAMPION)
+                    promotion.record(cl, name, promotion.Move(registry.CHAMPION, version, champ, promotion.GATE_ACTOR,
+                                                              promotion.now(), decision.reason))
     if existing is not None:
         tracker.set_tags({"registered_model": f"{name}/{existing.version}", "gate_decision": "already-registered"})
         return _already_registered(cl, name, existing, cfg, paths)
@@ -112,6 +115,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), dataset_dig
         name=name, version=version, aliases=aliases, decision=gate_tags["gate_decision"], reason=decision.reason,
         gate_metric=metric, new_value=decision.new_value, champion_value=decision.champion_value,
         previous_champion=champ, model_uri=f"models:/{name}/{version}", run_id=tracker.run_id, lineage=tags,
+        tracking_uri=_shown_uri(paths),
     )
     write_json(paths.report("register"), asdict(result))
     say(f"{name} v{version} -> {', '.join(aliases)} ({decision.reason})")
@@ -250,7 +254,7 @@ def _register(cl: Any, name: str, info: Any, run_id: str, tags: dict[str, str]) 
 
 def _already_registered(cl: Any, name: str, mv: Any, cfg: Config, paths: Paths) -> RegisterResult:
     say(f"{name} v{mv.version} already holds this data, params and code; nothing registered")
-    result = _result_for_existing(cl, name, mv, cfg)
+    result = _result_for_existing(cl, name, mv, cfg, paths)
     write_json(paths.report("register"), asdict(result))
     return result
 
@@ -277,7 +281,12 @@ def _gate_value(cl: Any, name: str, version: str | None, metric: str) -> float |
     return None
 
 
-def _result_for_existing(cl: Any, name: str, mv: Any, cfg: Config) -> RegisterResult:
+def _shown_uri(paths: Paths) -> str:
+    """The tracking URI for reports and logs, with any password in it masked."""
+    return tracking.redact("tracking_uri", tracking.tracking_uri(paths))
+
+
+def _result_for_existing(cl: Any, name: str, mv: Any, cfg: Config, paths: Paths) -> RegisterResult:
     aliases = [a for a in (registry.CHALLENGER, registry.CHAMPION) if registry.alias_version(cl, name, a) == str(mv.version)]
     t = mv.tags or {}
     return RegisterResult(
@@ -286,6 +295,7 @@ def _result_for_existing(cl: Any, name: str, mv: Any, cfg: Config) -> RegisterRe
         new_value=_float(t.get("gate_new_value")), champion_value=_float(t.get("gate_champion_value")),
         previous_champion=t.get("gate_champion_version") or None, model_uri=f"models:/{name}/{mv.version}",
         run_id=mv.run_id, lineage={k: v for k, v in t.items() if not k.startswith("gate_")},
+        tracking_uri=_shown_uri(paths),
     )
 
 

@@ -218,8 +218,10 @@ def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama
     monkeypatch.chdir(elsewhere)  # no store here: -c points at the project's
     monkeypatch.setenv("COLUMNS", "200")  # rich sizes the table to the terminal
 
-    assert cli.main(["promote", "cl", "--version", "2", "-c", str(project.root / "params.yaml")]) == 0
-    assert capsys.readouterr().out.strip() == "cl@champion: v1 -> v2"
+    # v2 lost the gate: making it champion by hand takes --force and a reason (test_promotion_has_an_owner_...)
+    assert cli.main(["promote", "cl", "--version", "2", "--force", "--reason", "by hand",
+                     "-c", str(project.root / "params.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "cl@champion: v1 -> v2 (over the gate)"
     cl = tracking.client(project)
     assert registry.alias_version(cl, "cl", "champion") == "2"
     assert cli.main(["promote", "cl", "--rollback", "-c", str(project.root / "params.yaml")]) == 0
@@ -233,6 +235,70 @@ def test_promote_and_models_use_the_store_next_to_the_config(project, tiny_llama
     err = capsys.readouterr().err
     assert "no MLflow store at" in err and str(elsewhere) in err and len(err.strip().splitlines()) == 1
     assert not (elsewhere / "mlflow").exists()
+
+
+
+def test_promotion_has_an_owner_a_failed_gate_needs_force_and_reason_and_every_alias_shows(
+        project, tiny_llama, monkeypatch, capsys):
+    """Issue 17 item 5: who moved which alias, when and why, on the version and in an audit trail."""
+    import loraflow.tasks.register
+
+    from loraflow import cli
+    from loraflow.track import promotion
+
+    cfg = load_config(None, [f"model.base={tiny_llama}", "register.model_name=owned"])
+    _stage_outputs(project, tiny_llama, exact_match=0.5)
+    loraflow.tasks.register.run(cfg, project)  # v1: champion, by the gate
+    _stage_outputs(project, tiny_llama, exact_match=0.25)
+    loraflow.tasks.register.run(load_config(None, [f"model.base={tiny_llama}", "register.model_name=owned",
+                                                   "lora.r=4"]), project)  # v2: kept out by the gate
+    (project.root / "params.yaml").write_text("register:\n  model_name: owned\n")
+    conf = ["-c", str(project.root / "params.yaml")]
+    cl = tracking.client(project)
+    monkeypatch.setenv("LORAFLOW_ACTOR", "alice")
+    capsys.readouterr()
+
+    # A version that lost the gate is not made champion by a plain promote: one line that says how
+    assert cli.main(["promote", "owned", "--version", "2", *conf]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "owned v2 failed the gate" in err and "--force --reason" in err and len(err.splitlines()) == 1
+    assert cli.main(["promote", "owned", "--version", "2", "--force", *conf]) == 1
+    assert "--force needs --reason" in capsys.readouterr().err
+    assert registry.alias_version(cl, "owned", "champion") == "1"
+
+    assert cli.main(["promote", "owned", "--version", "2", "--force", "--reason", "fixes ticket 42", *conf]) == 0
+    assert "owned@champion: v1 -> v2" in capsys.readouterr().out
+    tags = cl.get_model_version("owned", "2").tags
+    assert tags["champion.promoted_by"] == "alice" and tags["champion.promotion_reason"] == "fixes ticket 42"
+    assert tags["champion.gate_overridden"] == "true"
+    assert tags["gate_decision"] == "kept"  # the gate's verdict stays what it was; the override is beside it
+    # reports/register.json names the registry its models:/ URI lives in
+    assert json.loads(project.report("register").read_text())["tracking_uri"] == tracking.tracking_uri(project)
+
+    # Any alias, no gate to override; a rollback is recorded too
+    monkeypatch.setenv("LORAFLOW_ACTOR", "bob")
+    assert cli.main(["promote", "owned", "--version", "1", "--alias", "production", "--reason", "release 3", *conf]) == 0
+    assert cli.main(["promote", "owned", "--rollback", *conf]) == 0
+    assert registry.alias_version(cl, "owned", "champion") == "1"
+    capsys.readouterr()
+
+    assert cli.main(["models", "owned", "--json", *conf]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["aliases"] == {"champion": "1", "challenger": "2", "production": "1"}
+    assert {v["version"]: sorted(v["aliases"]) for v in listing["versions"]} == {
+        "1": ["champion", "production"], "2": ["challenger"]}
+    trail = [(m["alias"], m["version"], m["actor"], m["forced"], m["rollback"]) for m in listing["audit"]]
+    assert trail == [("champion", "1", "loraflow register", False, False),  # the gate's own promotion
+                     ("champion", "2", "alice", True, False),
+                     ("production", "1", "bob", False, False),
+                     ("champion", "1", "bob", False, True)]
+    assert listing["audit"][1]["reason"] == "fixes ticket 42" and listing["audit"][1]["previous"] == "1"
+    assert promotion.audit_trail(cl.get_registered_model("owned").tags) == listing["audit"]
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli.main(["models", "owned", *conf]) == 0
+    table = capsys.readouterr().out
+    assert "production" in table and "alice" in table and "fixes ticket 42" in table
 
 
 def test_gate_directions():

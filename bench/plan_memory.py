@@ -254,7 +254,7 @@ def estimate(model_dir: str, method: str, batch: int, seq: int) -> dict:
     tensors, dtypes = at.Tensors.of(shape), at.dtypes(config, cfg, wbytes)
     memory = memory_estimates(shape, cfg, adapted, trainable, seq, batch, False, wbytes, "cpu")[method]
     qlora = method == "qlora"
-    mapped = dtypes.stored * tensors.quantized_numel if qlora else 0.0
+    mapped = at.mapped_bytes(tensors, dtypes, method, "cpu")
     load = at.train_load_peak(shape, tensors, dtypes, cfg.quantization.double_quant, "cpu") if qlora else 0.0
     live = memory.total - memory.allocator - memory.runtime
     return {"params": shape.params_total, "adapter_params": trainable, "weight_bytes": wbytes,

@@ -80,8 +80,8 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         data.train_records, data.tokens_per_record, t.epochs, t.max_steps, batch, t.grad_accum
     )
     after, logit_check = at.after_training(
-        shape, cfg, config, adapted, adapter, trainable, device, _weight_bytes(cfg, device), where,
-        data.test_records, data.tokens_per_record,
+        shape, tensors, dtypes, cfg, adapted, adapter, trainable, device, where, data.test_records,
+        data.tokens_per_record,
     )
     seconds = {
         m: None if tokens is None else est.train_seconds(
@@ -114,8 +114,7 @@ def plan(cfg: Config, paths: Paths, gpu_memory: float | None = None, *, with_lin
         batch_size=batch,
         gradient_checkpointing=ckpt,
         assumptions=_assumptions(cfg, device, data, shape),
-        # a CPU 4-bit load reads every linear it quantizes through the checkpoint's mapping
-        mapped_bytes=dtypes.stored * tensors.quantized_numel if device.kind == "cpu" and method == "qlora" else 0.0,
+        mapped_bytes=at.mapped_bytes(tensors, dtypes, method, device.kind),
         qlora_load_peak=at.train_load_peak(shape, tensors, dtypes, cfg.quantization.double_quant, device.kind),
         after_training=after,
         merge_logit_check=logit_check,

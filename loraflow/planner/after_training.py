@@ -284,6 +284,12 @@ def qlora_load_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: bool
     return d.stored * shape.params_total + nf4 + d.loaded_4bit * rest
 
 
+def mapped_bytes(t: Tensors, d: Dtypes, method: str, device_kind: str) -> float:
+    """The checkpoint's pages a CPU 4-bit load reads through its mapping: every linear it quantizes (the
+    embedding and head are views it does not read), dropped once loaded; 0 elsewhere."""
+    return float(d.stored * t.quantized_numel) if device_kind == "cpu" and method == "qlora" else 0.0
+
+
 def qlora_prepare_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: bool, device_kind: str) -> float:
     """Peak while peft's ``prepare_model_for_kbit_training`` readies a 4-bit model for training (the train stage).
 
@@ -294,10 +300,10 @@ def qlora_prepare_peak(shape: ModelShape, t: Tensors, d: Dtypes, double_quant: b
     Measured at 7B widths (``bench/scale_rehearsal.py`` with a phase probe, 1 layer): 1.39 GiB for
     Llama-2's vocabulary (this: 1.32), 5.07 for Llama-3's 128,256 (this: 5.00).
     """
-    nf4 = NF4_BITS[double_quant] / 8 * t.quantized_numel
-    rest = shape.params_total - t.quantized_numel
     if d.loaded_4bit == 4:
         return qlora_weights(shape, t, d, double_quant, device_kind)
+    nf4 = NF4_BITS[double_quant] / 8 * t.quantized_numel
+    rest = shape.params_total - t.quantized_numel
     largest = t.largest(n for n in t.numel if n not in t.quantized)
     return nf4 + 4 * rest + d.loaded_4bit * largest
 
@@ -466,17 +472,15 @@ def registered_bytes(t: Tensors, d: Dtypes, log: str, adapter_tensors: int, trai
 
 
 def after_training(
-    shape: ModelShape, cfg: Any, config: Any, adapted: list[Linear], adapter_params: int, trainable: int,
-    device: Device, compute: int, base_dir: str | Path | None, test_records: int | None, tokens_per_record: float,
+    shape: ModelShape, t: Tensors, d: Dtypes, cfg: Any, adapted: list[Linear], adapter_params: int, trainable: int,
+    device: Device, base_dir: str | Path | None, test_records: int | None, tokens_per_record: float,
     available: float | None = None,
 ) -> tuple[dict[str, StageCosts], bool]:
     """``StageCosts`` for lora and qlora, and whether merge's logit check would run.
 
-    ``compute``: bytes of the compute dtype (``estimates.compute_bytes``); ``available``: free host RAM for
-    ``merge.logit_check: auto`` (None: this machine's now).
+    ``t``, ``d``: the checkpoint's tensors and dtypes (``Tensors.of``, ``dtypes``), as the training
+    estimate uses them; ``available``: free host RAM for ``merge.logit_check: auto`` (None: this machine's now).
     """
-    t = Tensors.of(shape)
-    d = dtypes(config, cfg, compute)
     targets = {f"{x.name}.weight" for x in adapted}
     cores = _cores()
     check = logit_check_runs(cfg.merge.logit_check, shape.params_total, available)

@@ -240,7 +240,7 @@ def _registry(args: argparse.Namespace, command: str) -> tuple[Any, str]:
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from loraflow.track import promotion, registry
+    from loraflow.track import promotion
 
     cl, uri = _registry(args, "promote")
     try:
@@ -249,9 +249,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         raise LoraflowError(f"promote: no registered model named {args.name!r} in {uri}; list them with "
                             "`mlflow ui` or check the name (register.model_name)") from None
     if args.rollback:
-        old, new = registry.rollback(cl, args.name)
-        promotion.record(cl, args.name, promotion.Move(registry.CHAMPION, new, old, promotion.actor(), promotion.now(),
-                                                       args.reason, rollback=True))
+        old, new = promotion.rollback(cl, args.name, args.reason)
         print(f"{args.name}@champion: v{old} -> v{new} (rollback)")
         return 0
     if args.version is None:
@@ -262,9 +260,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except MlflowException:
         raise LoraflowError(f"promote: {args.name} has no version {version}; see `loraflow models {args.name}`") from None
     forced = promotion.check_allowed(args.name, version, tags, args.alias, args.force, args.reason)
-    old = registry.move_alias(cl, args.name, version, args.alias)
-    promotion.record(cl, args.name, promotion.Move(args.alias, version, old, promotion.actor(), promotion.now(),
-                                                   args.reason, forced=forced))
+    old = promotion.move(cl, args.name, version, args.alias, args.reason, forced=forced)
     print(f"{args.name}@{args.alias}: v{old or '-'} -> v{version}" + (" (over the gate)" if forced else ""))
     return 0
 

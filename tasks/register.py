@@ -91,9 +91,7 @@ def run(cfg: Config, paths: Paths, tracker: Tracker = NullTracker(), dataset_dig
                 decision = registry.gate(metric, new_value, _gate_value(cl, name, champ, metric), champ,
                                          cfg.register.min_delta)
                 if decision.promote:
-                    registry.move_alias(cl, name, version, registry.CHAMPION)
-                    promotion.record(cl, name, promotion.Move(registry.CHAMPION, version, champ, promotion.GATE_ACTOR,
-                                                              promotion.now(), decision.reason))
+                    promotion.move(cl, name, version, registry.CHAMPION, decision.reason, by=promotion.GATE_ACTOR)
     if existing is not None:
         tracker.set_tags({"registered_model": f"{name}/{existing.version}", "gate_decision": "already-registered"})
         return _already_registered(cl, name, existing, cfg, paths)

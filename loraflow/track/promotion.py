@@ -69,6 +69,22 @@ def check_allowed(name: str, version: str, tags: dict[str, str], alias: str, for
     return True
 
 
+def move(cl: Any, name: str, version: str, alias: str, reason: str = "", *, by: str | None = None,
+         forced: bool = False) -> str | None:
+    """Point ``alias`` at ``version`` (``registry.move_alias``) and record the move; returns the version it left.
+    ``by``: the actor (default ``actor()``)."""
+    old = registry.move_alias(cl, name, str(version), alias)
+    record(cl, name, Move(alias, str(version), old, by or actor(), now(), reason, forced=forced))
+    return old
+
+
+def rollback(cl: Any, name: str, reason: str = "") -> tuple[str | None, str]:
+    """Move ``champion`` back (``registry.rollback``) and record it; returns (old, new)."""
+    old, new = registry.rollback(cl, name)
+    record(cl, name, Move(registry.CHAMPION, new, old, actor(), now(), reason, rollback=True))
+    return old, new
+
+
 def record(cl: Any, name: str, move: Move) -> None:
     """Write ``move`` onto the version and into the registered model's audit trail."""
     version_tags = {f"{move.alias}.promoted_by": move.actor, f"{move.alias}.promoted_at": move.at}

@@ -93,8 +93,6 @@ if [[ $rehearsal == 1 ]]; then
     if [[ $smoke == 0 && -n "${OUT:-}" && -d "${OUT:-}" ]]; then cp "$out" "$OUT"/; fi
     exit 0
 fi
-args=()
-for a in "$@"; do [[ "$a" == --rehearsal || "$a" == --install ]] || args+=("$a"); done
-PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py "${args[@]}"
+PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py "$@"
 # The lent machine sends back only what is under $OUT: the results too, then.
 if [[ $smoke == 0 && -n "${OUT:-}" && -d "${OUT:-}" ]]; then cp bench/results/gpu-*.json "$OUT"/; fi

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -415,26 +416,28 @@ def _rss_parts(pids: list[int]) -> tuple[int, int]:
     return best
 
 
-_NVML: list[Any] = []  # [pynvml module, device handles], or [None] where there is no NVIDIA GPU
+@functools.cache
+def _nvml() -> tuple[Any, list[Any]] | None:
+    """NVML (``nvidia-ml-py``, which the GPU machine's image has) and its device handles, once; None without
+    an NVIDIA GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no library, no driver, no device: a CPU run
+        return None
 
 
 def gpu_memory_by_pid() -> dict[int, int] | None:
-    """Device memory (bytes) held by each process on any NVIDIA GPU, through NVML (``nvidia-ml-py``, which
-    the GPU machine's image has); None without one. NVML counts a process's CUDA context too: the
-    rehearsal subtracts a process that only starts CUDA (``gpu_context_bytes``)."""
-    if not _NVML:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            _NVML[:] = [pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]]
-        except Exception:  # no library, no driver, no device: a CPU run
-            _NVML[:] = [None]
-    nvml = _NVML[0]
-    if nvml is None:
+    """Device memory (bytes) held by each process on any NVIDIA GPU, through NVML; None without one. NVML
+    counts a process's CUDA context too: the rehearsal subtracts a process that only starts CUDA
+    (``gpu_context_bytes``)."""
+    if (found := _nvml()) is None:
         return None
+    nvml, handles = found
     used: dict[int, int] = {}
-    for handle in _NVML[1]:
+    for handle in handles:
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
             used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory or 0)
     return used

@@ -54,23 +54,16 @@ def hard_dataset() -> bytes:
     prompts too long for max_length, long answers, non-ASCII (U+2028 too), escaped and raw."""
     rng = random.Random(7)
     words = ["hot", "cold", "big", "small", "up", "down", "the", "a", "of", "and", "to", "in", "is", "what", "why", "how", "Paris", "France", "37", "odd", "even"]
+    # (up to this draw, this line): unreadable JSON, a missing field, an empty one, not UTF-8, not an object,
+    # a wrong type, a blank line
+    fixed = [(0.05, b'{"instruction": "x", '), (0.08, b'{"instruction": "x"}'), (0.10, b'{"instruction": "x", "output": ""}'),
+             (0.12, b'{"instruction": "caf\xe9", "output": "x"}'), (0.14, b"[1, 2]"),
+             (0.16, b'{"instruction": "x", "output": 5}'), (0.20, b"")]
     lines = []
     for _ in range(1500):
         r = rng.random()
-        if r < 0.05:
-            lines.append(b'{"instruction": "x", ')
-        elif r < 0.08:
-            lines.append(b'{"instruction": "x"}')
-        elif r < 0.10:
-            lines.append(b'{"instruction": "x", "output": ""}')
-        elif r < 0.12:
-            lines.append(b'{"instruction": "caf\xe9", "output": "x"}')
-        elif r < 0.14:
-            lines.append(b"[1, 2]")
-        elif r < 0.16:
-            lines.append(b'{"instruction": "x", "output": 5}')
-        elif r < 0.20:
-            lines.append(b"")
+        if r < fixed[-1][0]:
+            lines.append(next(line for upto, line in fixed if r < upto))
         elif r < 0.30:  # 40 distinct records, repeated all over the file
             j = rng.randrange(40)
             lines.append(json.dumps({"instruction": f"What is {j} plus one?", "input": "", "output": str(j + 1)}).encode())
